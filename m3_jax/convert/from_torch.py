@@ -1,0 +1,166 @@
+"""Import a PyTorch BGE-M3 checkpoint (HF / FlagEmbedding layout, local dir or hub id).
+
+Reads `config.json`, `model.safetensors` or `pytorch_model.bin`, `colbert_linear.pt` and
+`sparse_linear.pt`. Only safetensors and `torch.load(weights_only=True)` are used: no arbitrary
+unpickling. torch is imported only when a `.bin`/`.pt` file must be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from m3_jax.config import ModelConfig
+from m3_jax.convert.layout import (
+    COLBERT_FILE,
+    ENCODER_PREFIX,
+    IGNORED_PREFIXES,
+    SPARSE_FILE,
+    set_path,
+    tensor_mappings,
+)
+from m3_jax.model_dir import Params, check_params, save_model_dir
+
+log = logging.getLogger(__name__)
+
+HUB_IGNORE_PATTERNS = ["flax_model.msgpack", "rust_model.ot", "tf_model.h5", "onnx/*", "imgs/*"]
+
+
+def resolve_source(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> Path:
+    """A local directory as is; anything else that looks like `org/name` via the HF hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    looks_local = path.is_absolute() or text.startswith(".") or text.count("/") != 1
+    if looks_local or path.exists():
+        raise FileNotFoundError(
+            f"{text}: no such model directory (and not a hub id like 'BAAI/bge-m3')"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(repo_id=text, cache_dir=cache_dir, ignore_patterns=HUB_IGNORE_PATTERNS)
+    )
+
+
+def _torch_load(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path.name} needs PyTorch: pip install 'm3_jax[torch]' "
+            "(or provide model.safetensors for the encoder)"
+        ) from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def read_encoder_state(src: Path) -> dict[str, np.ndarray]:
+    """The encoder tensors as float32 numpy arrays, keyed by HF XLMRobertaModel names."""
+    if (src / "model.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        state = {k: v.astype(np.float32) for k, v in load_file(src / "model.safetensors").items()}
+    elif (src / "pytorch_model.bin").is_file():
+        state = _torch_load(src / "pytorch_model.bin")
+    else:
+        raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin")
+    if state and all(k.startswith(ENCODER_PREFIX) or k.startswith("lm_head.") for k in state):
+        state = {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}
+    ignored = sorted(k for k in state if k.startswith(IGNORED_PREFIXES))
+    if ignored:
+        log.info("ignoring tensors M3 does not use: %s", ", ".join(ignored))
+    return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+def read_head_state(src: Path, fresh_heads: bool) -> dict[str, np.ndarray]:
+    """`colbert_linear.pt:weight`-style keys; fp16 release files are upcast to float32."""
+    present = [name for name in (COLBERT_FILE, SPARSE_FILE) if (src / name).is_file()]
+    if not present:
+        if fresh_heads:
+            log.warning("%s: no head files; colbert and sparse heads are freshly initialised", src)
+            return {}
+        raise FileNotFoundError(
+            f"{src}: {COLBERT_FILE} and {SPARSE_FILE} are missing; pass fresh_heads=True "
+            "(--fresh-heads) to start the colbert and sparse heads from a random init"
+        )
+    if len(present) == 1:
+        raise FileNotFoundError(
+            f"{src}: found {present[0]} but not the other head file; both heads are needed"
+        )
+    state = {}
+    for name in present:
+        for key, value in _torch_load(src / name).items():
+            state[f"{name}:{key}"] = value
+    return state
+
+
+def load_bge_m3(
+    source: str | os.PathLike,
+    *,
+    fresh_heads: bool = False,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> tuple[ModelConfig, Params, Path]:
+    """(config, float32 params, resolved source dir) from a BGE-M3 PyTorch checkpoint."""
+    src = resolve_source(source, cache_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: config.json is missing")
+    try:
+        hf_config = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
+    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
+    state = read_encoder_state(src)
+    state.update(read_head_state(src, fresh_heads))
+
+    mappings = tensor_mappings(config)
+    if fresh_heads and not any(":" in k for k in state):
+        mappings = [m for m in mappings if ":" not in m.torch_name]
+    expected = {m.torch_name for m in mappings}
+    missing = sorted(expected - set(state))
+    unknown = sorted(set(state) - expected)
+    if missing or unknown:
+        lines = [f"missing {k}" for k in missing] + [f"unknown {k}" for k in unknown]
+        raise ValueError(f"{src}: checkpoint keys do not match BGE-M3:\n  " + "\n  ".join(lines))
+
+    params: Params = {}
+    for m in mappings:
+        set_path(params, m.path, m.to_m3(state[m.torch_name]).astype(np.float32))
+    if len(mappings) < len(tensor_mappings(config)):
+        params.update(_fresh_heads(config, seed))
+    check_params(params, config, str(src))
+    return config, params, src
+
+
+def _fresh_heads(config: ModelConfig, seed: int) -> Params:
+    from flax import nnx
+
+    from m3_jax.model import M3Model
+
+    model = M3Model(config.replace(num_hidden_layers=0), rngs=nnx.Rngs(seed))
+    full = nnx.state(model, nnx.Param).to_pure_dict()
+    heads = {k: full[k] for k in ("colbert_linear", "sparse_linear")}
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), heads)
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fresh_heads: bool = False,
+    cache_dir: str | None = None,
+) -> Path:
+    """Writes an m3_jax model directory (config, orbax params, tokenizer) from a BGE-M3 checkpoint."""
+    config, params, src = load_bge_m3(source, fresh_heads=fresh_heads, cache_dir=cache_dir)
+    return save_model_dir(out, config, params, tokenizer_source=src)

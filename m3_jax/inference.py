@@ -1,0 +1,385 @@
+"""M3Embedder: FlagEmbedding-compatible encoding and scoring on JAX.
+
+Texts are tokenized once, sorted by length and padded into a few static (rows, length) bucket
+shapes (`m3_jax.bucketing`), so XLA compiles one program per bucket; results return in input order.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m3_jax import scores
+from m3_jax.bucketing import Batch, BucketSpec, bucket_length, pad_batch, plan_batches
+from m3_jax.config import ModelConfig
+from m3_jax.model import M3Model
+from m3_jax.model_dir import is_model_dir, load_model_dir, model_from_params
+from m3_jax.tokenization import (
+    check_tokenizer_matches,
+    insert_mcls,
+    load_tokenizer,
+    tokenize,
+    validate_texts,
+)
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("dense", "sparse", "colbert")
+SCORE_MODES = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+# Show a progress bar once an input needs more than this many batches.
+PROGRESS_MIN_BATCHES = 4
+
+
+class M3Embedder:
+    """Dense, sparse (lexical) and multi-vector (ColBERT) embeddings from one forward pass.
+
+    Output formats follow FlagEmbedding's `BGEM3FlagModel`: `encode` returns
+    `{'dense_vecs', 'lexical_weights', 'colbert_vecs'}` and `compute_score` the five score lists.
+    """
+
+    def __init__(
+        self,
+        model: M3Model,
+        tokenizer: Any,
+        *,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        bucket_lengths: Sequence[int] | None = None,
+        max_tokens_per_batch: int = 65536,
+        show_progress: bool = True,
+    ):
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
+        spec_kw = {} if bucket_lengths is None else {"lengths": tuple(bucket_lengths)}
+        self.bucket_spec = BucketSpec(
+            batch_size=batch_size, max_tokens=max_tokens_per_batch, **spec_kw
+        )
+        self.show_progress = show_progress
+        self._graphdef, self._state = nnx.split(model)
+        self._forward = jax.jit(self._forward_impl, static_argnames=("outputs",))
+        self._pair_scores = jax.jit(self._pair_scores_impl)
+
+    # Construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        attention_impl: str | None = None,
+        fresh_heads: bool = False,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> M3Embedder:
+        """Loads an m3_jax model directory, a BGE-M3 PyTorch directory, or a hub id (`BAAI/bge-m3`).
+
+        dtype: compute dtype ("float32" default; "bfloat16" on accelerators); params stay float32.
+        attention_impl: "xla", "chunked" or "cudnn" (see ModelConfig).
+        fresh_heads: for PyTorch checkpoints without colbert/sparse head files, start them at random.
+        Other keyword arguments go to `M3Embedder.__init__` (batch_size, max lengths, buckets).
+        """
+        overrides = {}
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        if attention_impl is not None:
+            overrides["attention_impl"] = attention_impl
+        path = Path(model_name_or_path).expanduser()
+        if is_model_dir(path):
+            config, params = load_model_dir(path, **overrides)
+            tokenizer_dir = path
+        else:
+            from m3_jax.convert.from_torch import load_bge_m3
+
+            config, params, tokenizer_dir = load_bge_m3(
+                model_name_or_path, fresh_heads=fresh_heads, cache_dir=cache_dir, **overrides
+            )
+        tokenizer = load_tokenizer(tokenizer_dir)
+        check_tokenizer_matches(tokenizer, config, tokenizer_dir)
+        return cls(model_from_params(config, params), tokenizer, **kwargs)
+
+    # Jitted programs ----------------------------------------------------------------------------
+
+    def _forward_impl(self, state, input_ids, attention_mask, pool_mask, outputs):
+        model = nnx.merge(self._graphdef, state)
+        out = model(input_ids, attention_mask, dense_pool_mask=pool_mask)
+        return {name: getattr(out, name) for name in outputs}
+
+    def _pair_scores_impl(self, state, q_ids, q_mask, p_ids, p_mask):
+        model = nnx.merge(self._graphdef, state)
+        q, p = model(q_ids, q_mask), model(p_ids, p_mask)
+        return {
+            "dense": scores.dense_paired(q.dense, p.dense),
+            "sparse": scores.sparse_paired(q_ids, q.sparse, p_ids, p.sparse),
+            "colbert": scores.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask),
+        }
+
+    def compiled_program_count(self) -> int:
+        """How many XLA programs encode/compute_score have compiled so far (one per bucket shape)."""
+        return self._forward._cache_size() + self._pair_scores._cache_size()
+
+    # Helpers ------------------------------------------------------------------------------------
+
+    def _check_max_length(self, max_length: int, what: str) -> int:
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"{what} must be an int >= 2, got {max_length!r}")
+        if max_length > self.config.max_length:
+            raise ValueError(
+                f"{what}={max_length} exceeds what the model's {self.config.max_position_embeddings} "
+                f"position embeddings allow ({self.config.max_length})"
+            )
+        return max_length
+
+    def _spec(self, batch_size: int | None) -> BucketSpec:
+        if batch_size is None:
+            return self.bucket_spec
+        return BucketSpec(self.bucket_spec.lengths, batch_size, self.bucket_spec.max_tokens)
+
+    def _progress(self, batches: list[Batch], desc: str) -> Iterator[Batch]:
+        show = self.show_progress and len(batches) > PROGRESS_MIN_BATCHES
+        return iter(tqdm(batches, desc=desc, disable=not show))
+
+    def _pipelined(self, batches, desc, dispatch):
+        """Yields (batch, device_result), dispatching batch i+1 before fetching batch i."""
+        pending: collections.deque = collections.deque()
+        for batch in self._progress(batches, desc):
+            pending.append((batch, dispatch(batch)))
+            if len(pending) > 1:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+
+    # Encoding -----------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        mcls_interval: int | None = None,
+    ) -> dict[str, Any]:
+        """Embeds `sentences`; a single string gives single items instead of lists.
+
+        Returns {'dense_vecs': np.ndarray [N, D] | None, 'lexical_weights': list of
+        {token-id string: weight} | None, 'colbert_vecs': list of [n_i, D] arrays | None}, where
+        n_i is the number of tokens after [CLS] (</s> included).
+
+        mcls_interval: MCLS for long documents (paper appendix B.2, never implemented by the
+        reference): a [CLS] is inserted before every `mcls_interval` content tokens (256 in the
+        paper) and the dense vector is the normalised mean of the last hidden states of all [CLS]
+        tokens, the leading one included. Inserted tokens take ordinary consecutive positions,
+        count against `max_length`, and are left out of `colbert_vecs`; the sparse weights of
+        [CLS] are zero as always.
+        """
+        single = isinstance(sentences, str)
+        texts = validate_texts(sentences)
+        max_length = self._check_max_length(max_length or self.passage_max_length, "max_length")
+        outputs = tuple(
+            name
+            for name, wanted in zip(
+                OUTPUT_NAMES, (return_dense, return_sparse, return_colbert_vecs), strict=True
+            )
+            if wanted
+        )
+        if not outputs:
+            raise ValueError(
+                "nothing to return: set return_dense, return_sparse or return_colbert_vecs"
+            )
+        token_ids = tokenize(self.tokenizer, texts, max_length)
+        cls_id = self.config.cls_token_id
+        if mcls_interval is not None:
+            token_ids = [insert_mcls(ids, mcls_interval, cls_id, max_length) for ids in token_ids]
+
+        n = len(texts)
+        dense = np.zeros((n, self.config.hidden_size), np.float32) if "dense" in outputs else None
+        lexical: list[dict[str, np.float32]] = [{} for _ in range(n)]
+        colbert: list[np.ndarray | None] = [None] * n
+
+        def dispatch(batch: Batch):
+            ids, mask = pad_batch(token_ids, batch, self.config.pad_token_id)
+            pool = None if mcls_interval is None else jnp.asarray((ids == cls_id) & (mask == 1))
+            return self._forward(self._state, ids, mask, pool, outputs), ids
+
+        batches = plan_batches([len(t) for t in token_ids], self._spec(batch_size), max_length)
+        for batch, (result, ids) in self._pipelined(batches, "encode", dispatch):
+            result = jax.device_get(result)
+            for row, index in enumerate(batch.indices):
+                length = len(token_ids[index])
+                if dense is not None:
+                    dense[index] = result["dense"][row]
+                if "sparse" in outputs:
+                    lexical[index] = lexical_weights(
+                        ids[row, :length], result["sparse"][row, :length]
+                    )
+                if "colbert" in outputs:
+                    vecs = result["colbert"][row, : length - 1]
+                    if mcls_interval is not None:
+                        vecs = vecs[ids[row, 1:length] != cls_id]
+                    colbert[index] = vecs
+
+        out = {
+            "dense_vecs": dense,
+            "lexical_weights": lexical if "sparse" in outputs else None,
+            "colbert_vecs": colbert if "colbert" in outputs else None,
+        }
+        if single:
+            out = {k: (None if v is None else v[0]) for k, v in out.items()}
+        return out
+
+    def encode_queries(self, queries: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("max_length", self.query_max_length)
+        return self.encode(queries, **kwargs)
+
+    def encode_corpus(self, corpus: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("max_length", self.passage_max_length)
+        return self.encode(corpus, **kwargs)
+
+    # Scoring ------------------------------------------------------------------------------------
+
+    def compute_score(
+        self,
+        sentence_pairs: Sequence[Sequence[str]],
+        batch_size: int | None = None,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: Sequence[float] | None = None,
+    ) -> dict[str, list[float] | float]:
+        """Scores (query, passage) pairs in every mode.
+
+        Returns lists (floats for a single pair) under 'colbert', 'sparse', 'dense',
+        'sparse+dense' = (w0·dense + w1·sparse)/(w0+w1) and
+        'colbert+sparse+dense' = (w0·dense + w1·sparse + w2·colbert)/(w0+w1+w2), with
+        weights [w_dense, w_sparse, w_colbert] defaulting to [1, 1, 1]. ColBERT scores ignore
+        passage padding, so they do not depend on batch composition.
+        """
+        single = (
+            isinstance(sentence_pairs, (list, tuple))
+            and len(sentence_pairs) == 2
+            and all(isinstance(x, str) for x in sentence_pairs)
+        )
+        pairs = [sentence_pairs] if single else sentence_pairs
+        if not isinstance(pairs, Sequence) or isinstance(pairs, str) or len(pairs) == 0:
+            raise ValueError("sentence_pairs must be a non-empty list of (query, passage) pairs")
+        for index, pair in enumerate(pairs):
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(
+                    f"sentence_pairs[{index}] is not a (query, passage) pair: {pair!r:.80}"
+                )
+        weights = (
+            [1.0, 1.0, 1.0]
+            if weights_for_different_modes is None
+            else list(weights_for_different_modes)
+        )
+        if len(weights) != 3:
+            raise ValueError(
+                f"weights_for_different_modes needs 3 values [dense, sparse, colbert], got {weights}"
+            )
+        queries = validate_texts([p[0] for p in pairs], "queries")
+        passages = validate_texts([p[1] for p in pairs], "passages")
+        q_max = self._check_max_length(
+            max_query_length or self.query_max_length, "max_query_length"
+        )
+        p_max = self._check_max_length(
+            max_passage_length or self.passage_max_length, "max_passage_length"
+        )
+        q_tokens = tokenize(self.tokenizer, queries, q_max)
+        p_tokens = tokenize(self.tokenizer, passages, p_max)
+
+        spec = self._spec(batch_size)
+        q_lengths = spec.lengths_up_to(q_max)
+        pad = self.config.pad_token_id
+
+        def dispatch(batch: Batch):
+            q_len = bucket_length(max(len(q_tokens[i]) for i in batch.indices), q_lengths)
+            q_ids, q_mask = pad_batch(q_tokens, Batch(batch.indices, batch.rows, q_len), pad)
+            p_ids, p_mask = pad_batch(p_tokens, batch, pad)
+            return self._pair_scores(self._state, q_ids, q_mask, p_ids, p_mask)
+
+        raw = {name: np.zeros(len(pairs), np.float32) for name in OUTPUT_NAMES}
+        batches = plan_batches([len(t) for t in p_tokens], spec, p_max)
+        for batch, result in self._pipelined(batches, "compute_score", dispatch):
+            result = jax.device_get(result)
+            for name in OUTPUT_NAMES:
+                raw[name][batch.indices] = result[name][: len(batch.indices)]
+
+        w_dense, w_sparse, w_colbert = weights
+        combined = {
+            "colbert": raw["colbert"],
+            "sparse": raw["sparse"],
+            "dense": raw["dense"],
+            "sparse+dense": scores.weighted_sum([raw["dense"], raw["sparse"]], [w_dense, w_sparse]),
+            "colbert+sparse+dense": scores.weighted_sum(
+                [raw["dense"], raw["sparse"], raw["colbert"]], weights
+            ),
+        }
+        out = {mode: [float(x) for x in combined[mode]] for mode in SCORE_MODES}
+        if single:
+            return {mode: values[0] for mode, values in out.items()}
+        return out
+
+    def compute_lexical_matching_score(
+        self, lexical_weights_1: dict[str, float], lexical_weights_2: dict[str, float]
+    ) -> float:
+        """Σ w1(t)·w2(t) over token ids present in both dicts."""
+        return float(
+            sum(
+                w * lexical_weights_2[t]
+                for t, w in lexical_weights_1.items()
+                if t in lexical_weights_2
+            )
+        )
+
+    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> float:
+        """Late-interaction score of unpadded [n_q, D] and [n_p, D] colbert vectors."""
+        q, p = np.asarray(q_reps, np.float32), np.asarray(p_reps, np.float32)
+        if q.ndim != 2 or p.ndim != 2 or q.shape[1] != p.shape[1] or 0 in (len(q), len(p)):
+            raise ValueError(
+                f"colbert_score needs [n_q, D] and [n_p, D] arrays, got {q.shape}, {p.shape}"
+            )
+        q_mask, p_mask = np.ones(len(q), bool), np.ones(len(p), bool)
+        return float(scores.colbert_pair(q, q_mask, p, p_mask))
+
+    def convert_id_to_token(
+        self, lexical_weights: dict[str, float] | list[dict[str, float]]
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Replaces token-id keys by token strings (decoded as the tokenizer would)."""
+        if isinstance(lexical_weights, dict):
+            return self.convert_id_to_token([lexical_weights])[0]
+        converted = []
+        for weights in lexical_weights:
+            tokens: dict[str, float] = {}
+            for token_id, weight in weights.items():
+                tokens[self.tokenizer.decode([int(token_id)])] = weight
+            converted.append(tokens)
+        return converted
+
+
+def lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, np.float32]:
+    """FlagEmbedding's lexical dict: {str(id): max weight} over positions with weight > 0.
+
+    Special ids already carry weight 0 (model/heads.py), so they never enter the dict.
+    """
+    result: dict[str, np.float32] = {}
+    for token_id, weight in zip(token_ids.tolist(), weights, strict=True):
+        if weight > 0:
+            key = str(token_id)
+            if weight > result.get(key, 0):
+                result[key] = np.float32(weight)
+    return result

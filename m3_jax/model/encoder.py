@@ -1,0 +1,136 @@
+"""XLM-RoBERTa encoder in Flax NNX, numerically matching transformers' `XLMRobertaModel`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3_jax.config import ModelConfig
+from m3_jax.model.attention import attention
+from m3_jax.model.layers import Dense, Embed, LayerNorm, dropout
+
+
+def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """Real tokens get positions pad+1, pad+2, ...; pads get pad (RoBERTa's rule)."""
+    real = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real, axis=-1) * real + pad_token_id
+
+
+def _dtypes(config: ModelConfig) -> dict:
+    return dict(param_dtype=jnp.dtype(config.param_dtype), dtype=jnp.dtype(config.dtype))
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        std = config.initializer_range
+        dt = _dtypes(config)
+        self.pad_token_id = config.pad_token_id
+        self.dropout_rate = config.hidden_dropout_prob
+        self.word_embeddings = Embed(
+            config.vocab_size, config.hidden_size, ("vocab", "embed"), stddev=std, rngs=rngs, **dt
+        )
+        self.position_embeddings = Embed(
+            config.max_position_embeddings,
+            config.hidden_size,
+            (None, "embed"),
+            stddev=std,
+            rngs=rngs,
+            **dt,
+        )
+        self.token_type_embeddings = Embed(
+            config.type_vocab_size, config.hidden_size, (None, "embed"), stddev=std, rngs=rngs, **dt
+        )
+        self.layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps, **dt)
+
+    def __call__(self, input_ids: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        positions = roberta_position_ids(input_ids, self.pad_token_id)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(jnp.zeros_like(input_ids))
+            + self.position_embeddings(positions)
+        )
+        return dropout(self.layer_norm(x), self.dropout_rate, dropout_rng)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e, h, d = config.hidden_size, config.num_attention_heads, config.head_dim
+        kw = dict(stddev=config.initializer_range, rngs=rngs, **_dtypes(config))
+        self.query = Dense((e,), (h, d), ("embed",), ("heads", "kv"), **kw)
+        self.key = Dense((e,), (h, d), ("embed",), ("heads", "kv"), **kw)
+        self.value = Dense((e,), (h, d), ("embed",), ("heads", "kv"), **kw)
+        self.output = Dense((h, d), (e,), ("heads", "kv"), ("embed",), **kw)
+        self.impl = config.attention_impl
+        self.chunk_size = config.attention_chunk_size
+        self.dropout_rate = config.attention_probs_dropout_prob
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array, dropout_rng: jax.Array | None):
+        context = attention(
+            self.query(x),
+            self.key(x),
+            self.value(x),
+            key_mask,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+        )
+        return self.output(context)
+
+
+class EncoderLayer(nnx.Module):
+    """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + W2·gelu(W1·x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        dt = _dtypes(config)
+        kw = dict(stddev=config.initializer_range, rngs=rngs, **dt)
+        self.attention = SelfAttention(config, rngs=rngs)
+        self.attention_layer_norm = LayerNorm(e, config.layer_norm_eps, **dt)
+        self.intermediate = Dense((e,), (m,), ("embed",), ("mlp",), **kw)
+        self.output = Dense((m,), (e,), ("mlp",), ("embed",), **kw)
+        self.output_layer_norm = LayerNorm(e, config.layer_norm_eps, **dt)
+        self.dropout_rate = config.hidden_dropout_prob
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array, dropout_rng: jax.Array | None):
+        rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+        attn = self.attention(x, key_mask, rngs[0])
+        x = self.attention_layer_norm(x + dropout(attn, self.dropout_rate, rngs[1]))
+        hidden = jax.nn.gelu(self.intermediate(x), approximate=False)
+        return self.output_layer_norm(x + dropout(self.output(hidden), self.dropout_rate, rngs[2]))
+
+
+def _apply_layer(layer: EncoderLayer, x, key_mask, dropout_rng):
+    return layer(x, key_mask, dropout_rng)
+
+
+_apply_layer_remat = nnx.remat(_apply_layer)
+
+
+class Encoder(nnx.Module):
+    """Embeddings followed by `num_hidden_layers` post-LN layers; returns the last hidden state."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embeddings = Embeddings(config, rngs=rngs)
+        self.layers = nnx.List(
+            [EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.remat = config.remat
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """input_ids, attention_mask: [batch, length] → hidden states [batch, length, hidden]."""
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, -1)
+        x = self.embeddings(input_ids, rng)
+        key_mask = attention_mask.astype(bool)
+        apply = _apply_layer_remat if self.remat else _apply_layer
+        for index, layer in enumerate(self.layers):
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            x = apply(layer, x, key_mask, rng)
+        return x

@@ -1,0 +1,110 @@
+"""Tokenizer loading, input validation, and MCLS token insertion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3_jax.config import ModelConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A transformers tokenizer from a local directory (tokenizer.json or sentencepiece.bpe.model)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "sentencepiece.bpe.model")):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found; expected tokenizer.json or sentencepiece.bpe.model"
+        )
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_tokenizer_matches(tokenizer: Any, config: ModelConfig, source: str | Path) -> None:
+    """Errors when the tokenizer's special ids or size disagree with the model."""
+    expected = {
+        "cls_token_id": config.cls_token_id,
+        "pad_token_id": config.pad_token_id,
+        "eos_token_id": config.eos_token_id,
+        "unk_token_id": config.unk_token_id,
+    }
+    wrong = {
+        k: (getattr(tokenizer, k), v) for k, v in expected.items() if getattr(tokenizer, k) != v
+    }
+    if wrong:
+        details = ", ".join(f"{k}={got} (model expects {want})" for k, (got, want) in wrong.items())
+        raise ValueError(f"{source}: tokenizer special ids do not match the model: {details}")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"{source}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{config.vocab_size}"
+        )
+
+
+def validate_texts(texts: Any, what: str = "sentences") -> list[str]:
+    """Returns `texts` as a list of non-blank strings, or raises naming the first bad item."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence) or isinstance(texts, bytes):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{what} is empty; pass at least one string")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{index}] is {type(text).__name__}, expected str: {text!r:.80}")
+        if not text.strip():
+            raise ValueError(f"{what}[{index}] is an empty or blank string")
+    return list(texts)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids with <s> ... </s>, truncated to `max_length` (</s> kept last), unpadded."""
+    encoded = tokenizer(
+        list(texts), add_special_tokens=True, truncation=True, max_length=max_length, padding=False
+    )
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def insert_mcls(
+    token_ids: Sequence[int], interval: int, cls_token_id: int, max_length: int
+) -> list[int]:
+    """MCLS (paper B.2): a [CLS] before every `interval` content tokens, within `max_length`.
+
+    `<s> t1..t256 </s>` style input `[cls, t_1..t_n, eos]` becomes
+    `[cls, t_1..t_k, cls, t_k+1..t_2k, cls, ..., eos]`: the original [CLS] heads the first chunk,
+    each further chunk of `interval` tokens is preceded by an inserted [CLS], and content is
+    truncated (from the end, keeping </s>) so the result fits `max_length`.
+    """
+    if interval <= 0:
+        raise ValueError(f"MCLS interval must be positive, got {interval}")
+    cls, content, eos = token_ids[0], list(token_ids[1:-1]), token_ids[-1]
+    if cls != cls_token_id:
+        raise ValueError(f"expected token ids to start with cls id {cls_token_id}, got {cls}")
+    # n content tokens need ceil(n / interval) CLS tokens plus the final </s>.
+    budget = max_length - 1
+    n = len(content)
+    while n > 0 and n + -(-n // interval) > budget:
+        n -= 1
+    out: list[int] = []
+    for start in range(0, n, interval):
+        out.append(cls_token_id)
+        out.extend(content[start : start + interval])
+    if not out:
+        out.append(cls_token_id)
+    out.append(eos)
+    return out
+
+
+def cls_positions(token_ids: np.ndarray, cls_token_id: int) -> np.ndarray:
+    """Boolean mask of [CLS] positions (for MCLS pooling), same shape as `token_ids`."""
+    return token_ids == cls_token_id
