@@ -168,7 +168,14 @@ class ModelConfig:
             values = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        return cls.from_dict(values)
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{path}: expected a JSON object of ModelConfig fields, got {type(values).__name__}"
+            )
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def bge_m3(**overrides: Any) -> ModelConfig:

@@ -38,6 +38,7 @@ OUTPUT_NAMES = ("dense", "sparse", "colbert")
 SCORE_MODES = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 # Show a progress bar once an input needs more than this many batches.
 PROGRESS_MIN_BATCHES = 4
+DEFAULT_MAX_LENGTH = 512
 
 
 class M3Embedder:
@@ -53,8 +54,8 @@ class M3Embedder:
         tokenizer: Any,
         *,
         batch_size: int = 256,
-        query_max_length: int = 512,
-        passage_max_length: int = 512,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
         bucket_lengths: Sequence[int] | None = None,
         max_tokens_per_batch: int = 65536,
         show_progress: bool = True,
@@ -62,8 +63,15 @@ class M3Embedder:
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.query_max_length = query_max_length
-        self.passage_max_length = passage_max_length
+        # FlagEmbedding's defaults (512), capped by what the position table holds.
+        default_length = min(DEFAULT_MAX_LENGTH, self.config.max_length)
+        self.query_max_length = self._check_max_length(
+            default_length if query_max_length is None else query_max_length, "query_max_length"
+        )
+        self.passage_max_length = self._check_max_length(
+            default_length if passage_max_length is None else passage_max_length,
+            "passage_max_length",
+        )
         spec_kw = {} if bucket_lengths is None else {"lengths": tuple(bucket_lengths)}
         self.bucket_spec = BucketSpec(
             batch_size=batch_size, max_tokens=max_tokens_per_batch, **spec_kw
@@ -190,7 +198,9 @@ class M3Embedder:
         """
         single = isinstance(sentences, str)
         texts = validate_texts(sentences)
-        max_length = self._check_max_length(max_length or self.passage_max_length, "max_length")
+        max_length = self._check_max_length(
+            self.passage_max_length if max_length is None else max_length, "max_length"
+        )
         outputs = tuple(
             name
             for name, wanted in zip(
@@ -294,26 +304,33 @@ class M3Embedder:
         queries = validate_texts([p[0] for p in pairs], "queries")
         passages = validate_texts([p[1] for p in pairs], "passages")
         q_max = self._check_max_length(
-            max_query_length or self.query_max_length, "max_query_length"
+            self.query_max_length if max_query_length is None else max_query_length,
+            "max_query_length",
         )
         p_max = self._check_max_length(
-            max_passage_length or self.passage_max_length, "max_passage_length"
+            self.passage_max_length if max_passage_length is None else max_passage_length,
+            "max_passage_length",
         )
         q_tokens = tokenize(self.tokenizer, queries, q_max)
         p_tokens = tokenize(self.tokenizer, passages, p_max)
 
         spec = self._spec(batch_size)
-        q_lengths = spec.lengths_up_to(q_max)
+        q_buckets, p_buckets = spec.lengths_up_to(q_max), spec.lengths_up_to(p_max)
         pad = self.config.pad_token_id
 
+        def side(tokens: list[list[int]], batch: Batch, buckets: tuple[int, ...]):
+            length = bucket_length(max(len(tokens[i]) for i in batch.indices), buckets)
+            return pad_batch(tokens, Batch(batch.indices, batch.rows, length), pad)
+
         def dispatch(batch: Batch):
-            q_len = bucket_length(max(len(q_tokens[i]) for i in batch.indices), q_lengths)
-            q_ids, q_mask = pad_batch(q_tokens, Batch(batch.indices, batch.rows, q_len), pad)
-            p_ids, p_mask = pad_batch(p_tokens, batch, pad)
+            q_ids, q_mask = side(q_tokens, batch, q_buckets)
+            p_ids, p_mask = side(p_tokens, batch, p_buckets)
             return self._pair_scores(self._state, q_ids, q_mask, p_ids, p_mask)
 
+        # Rows per batch come from the longer side, so neither side exceeds the token budget.
+        pair_lengths = [max(len(q), len(p)) for q, p in zip(q_tokens, p_tokens, strict=True)]
         raw = {name: np.zeros(len(pairs), np.float32) for name in OUTPUT_NAMES}
-        batches = plan_batches([len(t) for t in p_tokens], spec, p_max)
+        batches = plan_batches(pair_lengths, spec, max(q_max, p_max))
         for batch, result in self._pipelined(batches, "compute_score", dispatch):
             result = jax.device_get(result)
             for name in OUTPUT_NAMES:

@@ -33,7 +33,7 @@ def is_model_dir(path: str | Path) -> bool:
 def abstract_params(config: ModelConfig) -> Params:
     """The params pytree of `M3Model(config)` as ShapeDtypeStructs, without allocating it."""
     abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
-    return nnx.state(abstract, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
 def check_params(params: Params, config: ModelConfig, source: str) -> None:
@@ -65,7 +65,7 @@ def model_from_params(config: ModelConfig, params: Params) -> M3Model:
     abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     dtype = jnp.dtype(config.param_dtype)
-    state.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
     return nnx.merge(graphdef, state)
 
 

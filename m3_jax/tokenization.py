@@ -98,7 +98,7 @@ def insert_mcls(
     out: list[int] = []
     for start in range(0, n, interval):
         out.append(cls_token_id)
-        out.extend(content[start : start + interval])
+        out.extend(content[start : min(start + interval, n)])
     if not out:
         out.append(cls_token_id)
     out.append(eos)

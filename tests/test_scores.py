@@ -164,8 +164,10 @@ def test_sparse_gradient_is_finite_and_goes_to_max_occurrence():
     pi, pw = random_sparse_batch(rng, 4, 10)
     grads = jax.jit(
         jax.grad(
-            lambda a, b: scores.sparse_matrix(qi, a, pi, b).sum()
-            + scores.sparse_paired(qi, a, pi[:3], b[:3]).sum(),
+            lambda a, b: (
+                scores.sparse_matrix(qi, a, pi, b).sum()
+                + scores.sparse_paired(qi, a, pi[:3], b[:3]).sum()
+            ),
             argnums=(0, 1),
         )
     )(jnp.asarray(qw), jnp.asarray(pw))
@@ -181,10 +183,7 @@ def test_colbert_matrix_and_paired_match_unpadded_formula(seed):
     q, q_mask = random_colbert_batch(rng, 3, 6, 8)
     p, p_mask = random_colbert_batch(rng, 4, 9, 8)
     expected = np.array(
-        [
-            [ref_colbert_score(q[i][q_mask[i]], p[j][p_mask[j]]) for j in range(4)]
-            for i in range(3)
-        ]
+        [[ref_colbert_score(q[i][q_mask[i]], p[j][p_mask[j]]) for j in range(4)] for i in range(3)]
     )
     got = np.asarray(colbert_matrix(q, q_mask, p, p_mask))
     assert got.shape == (3, 4)

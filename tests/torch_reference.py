@@ -109,7 +109,9 @@ def build_torch_m3_dir(
     seed: int = 0,
     serialization: str = "safetensors",
     masked_lm: bool = False,
-    sparse_bias: float = 0.3,
+    sparse_bias: float = 0.05,
+    sparse_scale: float = 0.25,
+    attention_sharpness: float = 3.0,
     **geometry,
 ) -> Path:
     """Writes a BGE-M3-layout directory with PyTorch only.
@@ -117,7 +119,8 @@ def build_torch_m3_dir(
     config.json + model.safetensors (or pytorch_model.bin) from `XLMRobertaModel` (pooler
     included, as `save_pretrained` writes it), or from `XLMRobertaForMaskedLM` ('roberta.' prefix
     and lm_head.*) when `masked_lm`; fp16 `colbert_linear.pt` / `sparse_linear.pt` head state
-    dicts; and the tokenizer files. The same seed gives the same encoder and head weights whatever
+    dicts; and the tokenizer files. `attention_sharpness` scales the query and key weights.
+    The same seed gives the same encoder and head weights whatever
     the serialization or architecture.
     """
     from transformers import XLMRobertaForMaskedLM, XLMRobertaModel
@@ -131,6 +134,13 @@ def build_torch_m3_dir(
 
     encoder = XLMRobertaModel(config)  # with the pooler, which M3 must ignore
     randomize_(encoder, generator)
+    with torch.no_grad():
+        # Sharp attention, as in trained models: with fan-in scaled query/key weights every token
+        # attends almost uniformly, all hidden states look alike and colbert similarities are
+        # all positive (so a 0-floor from padded rows could never show).
+        for layer in encoder.encoder.layer:
+            layer.attention.self.query.weight.mul_(attention_sharpness)
+            layer.attention.self.key.weight.mul_(attention_sharpness)
     hidden = config.hidden_size
     colbert_linear = nn.Linear(hidden, hidden)
     sparse_linear = nn.Linear(hidden, 1)
@@ -138,13 +148,16 @@ def build_torch_m3_dir(
     randomize_(sparse_linear, generator)
     with torch.no_grad():
         # A positive bias so that a good share of the sparse weights survive the ReLU.
+        sparse_linear.weight.mul_(sparse_scale)  # weights of a few tenths, like the release
         sparse_linear.bias.fill_(sparse_bias)
 
     model: nn.Module = encoder
     if masked_lm:
         model = XLMRobertaForMaskedLM(config)
         randomize_(model.lm_head, torch.Generator().manual_seed(seed + 1))
-        encoder_state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
+        encoder_state = {
+            k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")
+        }
         model.roberta.load_state_dict(encoder_state, strict=True)
     model.eval()
     model.save_pretrained(str(out))  # config.json and model.safetensors
@@ -366,9 +379,17 @@ class TorchM3Reference:
 
 def sentencepiece_ids(model_dir: str | Path, text: str, max_length: int) -> list[int]:
     """XLM-R ids straight from the sentencepiece model (fairseq offset: spm unk 0 -> 3, other
-    ids + 1), as <s> pieces </s>, truncated keeping </s>: independent of transformers."""
+    ids + 1; <mask> = spm size + 1, taking the whitespace before it), as <s> pieces </s>,
+    truncated keeping </s>: independent of transformers."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "sentencepiece.bpe.model"))
-    pieces = [3 if i == 0 else i + 1 for i in sp.encode(text)]
+    mask_id = sp.get_piece_size() + 1
+    segments = text.split("<mask>")
+    pieces: list[int] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        pieces += [3 if i == 0 else i + 1 for i in sp.encode(segment if last else segment.rstrip())]
+        if not last:
+            pieces.append(mask_id)
     return [0, *pieces[: max_length - 2], 2]

@@ -94,8 +94,9 @@ def read_head_state(src: Path, fresh_heads: bool) -> dict[str, np.ndarray]:
             "(--fresh-heads) to start the colbert and sparse heads from a random init"
         )
     if len(present) == 1:
+        (absent,) = {COLBERT_FILE, SPARSE_FILE} - set(present)
         raise FileNotFoundError(
-            f"{src}: found {present[0]} but not the other head file; both heads are needed"
+            f"{src}: found {present[0]} but {absent} is missing; both head files are needed"
         )
     state = {}
     for name in present:
@@ -120,9 +121,13 @@ def load_bge_m3(
         hf_config = json.loads((src / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{src / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
-    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
     state = read_encoder_state(src)
     state.update(read_head_state(src, fresh_heads))
+    colbert_weight = state.get(f"{COLBERT_FILE}:weight")
+    if colbert_weight is not None and colbert_weight.ndim == 2:
+        # FlagEmbedding's colbert_dim is a training argument, not saved: the head file tells it.
+        config_overrides.setdefault("colbert_dim", int(colbert_weight.shape[0]))
+    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
 
     mappings = tensor_mappings(config)
     if fresh_heads and not any(":" in k for k in state):
@@ -133,6 +138,16 @@ def load_bge_m3(
     if missing or unknown:
         lines = [f"missing {k}" for k in missing] + [f"unknown {k}" for k in unknown]
         raise ValueError(f"{src}: checkpoint keys do not match BGE-M3:\n  " + "\n  ".join(lines))
+    wrong = [
+        f"{m.torch_name} has shape {tuple(state[m.torch_name].shape)}, expected {m.torch_shape}"
+        for m in mappings
+        if tuple(state[m.torch_name].shape) != m.torch_shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{src}: checkpoint tensors do not fit the geometry in config.json:\n  "
+            + "\n  ".join(wrong)
+        )
 
     params: Params = {}
     for m in mappings:
@@ -149,7 +164,7 @@ def _fresh_heads(config: ModelConfig, seed: int) -> Params:
     from m3_jax.model import M3Model
 
     model = M3Model(config.replace(num_hidden_layers=0), rngs=nnx.Rngs(seed))
-    full = nnx.state(model, nnx.Param).to_pure_dict()
+    full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     heads = {k: full[k] for k in ("colbert_linear", "sparse_linear")}
     return jax.tree.map(lambda x: np.asarray(x, np.float32), heads)
 

@@ -27,6 +27,7 @@ class TensorMapping:
     path: tuple[str | int, ...]  # path in the m3_jax params pytree
     to_m3: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    torch_shape: tuple[int, ...]  # the tensor's shape in the PyTorch checkpoint
 
 
 def _same(x: np.ndarray) -> np.ndarray:
@@ -39,53 +40,70 @@ def _transpose(x: np.ndarray) -> np.ndarray:
 
 def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
     e, h, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    m, c = config.intermediate_size, config.colbert_out_dim
     maps: list[TensorMapping] = []
 
-    def add(torch_name, path, to_m3=_same, to_torch=_same):
-        maps.append(TensorMapping(torch_name, tuple(path), to_m3, to_torch))
+    def add(torch_name, shape, path, to_m3=_same, to_torch=_same):
+        maps.append(TensorMapping(torch_name, tuple(path), to_m3, to_torch, tuple(shape)))
 
     emb = ("encoder", "embeddings")
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        add(f"embeddings.{name}.weight", (*emb, name, "embedding"))
-    add("embeddings.LayerNorm.weight", (*emb, "layer_norm", "scale"))
-    add("embeddings.LayerNorm.bias", (*emb, "layer_norm", "bias"))
+    for name, rows in (
+        ("word_embeddings", config.vocab_size),
+        ("position_embeddings", config.max_position_embeddings),
+        ("token_type_embeddings", config.type_vocab_size),
+    ):
+        add(f"embeddings.{name}.weight", (rows, e), (*emb, name, "embedding"))
+    add("embeddings.LayerNorm.weight", (e,), (*emb, "layer_norm", "scale"))
+    add("embeddings.LayerNorm.bias", (e,), (*emb, "layer_norm", "bias"))
     for i in range(config.num_hidden_layers):
         t, p = f"encoder.layer.{i}", ("encoder", "layers", i)
         for proj in ("query", "key", "value"):
             add(
                 f"{t}.attention.self.{proj}.weight",
+                (h * d, e),
                 (*p, "attention", proj, "kernel"),
                 lambda w: w.T.reshape(e, h, d),
                 lambda k: np.ascontiguousarray(k.reshape(e, h * d).T),
             )
             add(
                 f"{t}.attention.self.{proj}.bias",
+                (h * d,),
                 (*p, "attention", proj, "bias"),
                 lambda b: b.reshape(h, d),
                 lambda b: b.reshape(h * d),
             )
         add(
             f"{t}.attention.output.dense.weight",
+            (e, h * d),
             (*p, "attention", "output", "kernel"),
             lambda w: w.T.reshape(h, d, e),
             lambda k: np.ascontiguousarray(k.reshape(h * d, e).T),
         )
-        add(f"{t}.attention.output.dense.bias", (*p, "attention", "output", "bias"))
+        add(f"{t}.attention.output.dense.bias", (e,), (*p, "attention", "output", "bias"))
         for torch_ln, our_ln in (
             ("attention.output.LayerNorm", "attention_layer_norm"),
             ("output.LayerNorm", "output_layer_norm"),
         ):
-            add(f"{t}.{torch_ln}.weight", (*p, our_ln, "scale"))
-            add(f"{t}.{torch_ln}.bias", (*p, our_ln, "bias"))
-        for torch_dense, ours in (
-            ("intermediate.dense", "intermediate"),
-            ("output.dense", "output"),
+            add(f"{t}.{torch_ln}.weight", (e,), (*p, our_ln, "scale"))
+            add(f"{t}.{torch_ln}.bias", (e,), (*p, our_ln, "bias"))
+        for torch_dense, ours, out_dim, in_dim in (
+            ("intermediate.dense", "intermediate", m, e),
+            ("output.dense", "output", e, m),
         ):
-            add(f"{t}.{torch_dense}.weight", (*p, ours, "kernel"), _transpose, _transpose)
-            add(f"{t}.{torch_dense}.bias", (*p, ours, "bias"))
-    for head_file, ours in ((COLBERT_FILE, "colbert_linear"), (SPARSE_FILE, "sparse_linear")):
-        add(f"{head_file}:weight", (ours, "kernel"), _transpose, _transpose)
-        add(f"{head_file}:bias", (ours, "bias"))
+            add(
+                f"{t}.{torch_dense}.weight",
+                (out_dim, in_dim),
+                (*p, ours, "kernel"),
+                _transpose,
+                _transpose,
+            )
+            add(f"{t}.{torch_dense}.bias", (out_dim,), (*p, ours, "bias"))
+    for head_file, ours, out_dim in (
+        (COLBERT_FILE, "colbert_linear", c),
+        (SPARSE_FILE, "sparse_linear", 1),
+    ):
+        add(f"{head_file}:weight", (out_dim, e), (ours, "kernel"), _transpose, _transpose)
+        add(f"{head_file}:bias", (out_dim,), (ours, "bias"))
     return maps
 
 

@@ -126,7 +126,8 @@ class Encoder(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """input_ids, attention_mask: [batch, length] → hidden states [batch, length, hidden]."""
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, -1)
+        # Layers use fold_in(rng, 0..n-1); the embeddings take n (fold_in data must be >= 0).
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(self.layers))
         x = self.embeddings(input_ids, rng)
         key_mask = attention_mask.astype(bool)
         apply = _apply_layer_remat if self.remat else _apply_layer

@@ -16,8 +16,10 @@ NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps
 def l2_normalize(x: jax.Array) -> jax.Array:
     """x / max(||x||, 1e-12) along the last axis, in float32; zero rows stay zero."""
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, NORM_EPS)
+    # sqrt(max(|x|^2, eps^2)) == max(|x|, eps), with a finite gradient at zero rows (padding):
+    # the derivative of sqrt at 0 is infinite, and 0 * inf would make NaN gradients.
+    sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sum_sq, NORM_EPS**2))
 
 
 def dense_embedding(
