@@ -42,7 +42,8 @@ def main() -> None:
         p = model.encode(PASSAGES, return_dense=True, return_sparse=True, return_colbert_vecs=True)
         print("\ndense_vecs:", q["dense_vecs"].shape, "\n", q["dense_vecs"][:, :6], "...")
         print("dense scores (queries x passages):\n", q["dense_vecs"] @ p["dense_vecs"].T)
-        print("\nlexical_weights[0]:", model.convert_id_to_token(q["lexical_weights"][0]))
+        tokens = model.convert_id_to_token(q["lexical_weights"][0])
+        print("\nlexical_weights[0]:", {t: round(float(w), 4) for t, w in tokens.items()})
         print(
             "lexical score q0-p0:",
             model.compute_lexical_matching_score(q["lexical_weights"][0], p["lexical_weights"][0]),
