@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics and small exact retrieval over an in-memory corpus."""

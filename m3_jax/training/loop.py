@@ -1,0 +1,328 @@
+"""The training loop, read top to bottom: data, model, optimizer, resume, compile, train, export.
+
+Everything that shapes numerics lives in the pure step (step.py); this file does the I/O:
+checkpoints (orbax, async, keep-N, resume from the latest), signals (SIGTERM/SIGINT save a
+checkpoint before exiting), metrics (stdout, metrics.jsonl, TensorBoard) and the final export.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from m3_jax import checkpoint, flops
+from m3_jax import config as model_presets
+from m3_jax.config import ModelConfig
+from m3_jax.data.buckets import BatchSizing
+from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader
+from m3_jax.data.records import read_records
+from m3_jax.losses import LossConfig
+from m3_jax.model import M3Model
+from m3_jax.model_dir import Params, is_model_dir, load_model_dir, save_model_dir
+from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
+from m3_jax.training.optim import OptimConfig, make_optimizer
+from m3_jax.training.state import abstract_state, init_state
+from m3_jax.training.step import StepConfig, train_step
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# Model -------------------------------------------------------------------------------------------
+
+
+def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params, Path]:
+    """(model config, float32 params, tokenizer dir) from `model.init_from` or a fresh init."""
+    m = cfg.model
+    overrides = dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention_impl=m.attention_impl,
+        attention_chunk_size=m.attention_chunk_size,
+        remat=m.remat,
+    )
+    if m.init_from:
+        if is_model_dir(m.init_from):
+            config, params = load_model_dir(m.init_from, **overrides)
+            source = Path(m.init_from)
+        else:
+            from m3_jax.convert.from_torch import load_bge_m3
+
+            config, params, source = load_bge_m3(
+                m.init_from, fresh_heads=m.fresh_heads, **overrides
+            )
+        return config, params, Path(m.tokenizer or source)
+    if not m.tokenizer:
+        raise ValueError(
+            "model.tokenizer must name a tokenizer directory when model.init_from is unset"
+        )
+    vocab_size = len(load_tokenizer(m.tokenizer))
+    preset = getattr(model_presets, m.preset)
+    config = preset(vocab_size=vocab_size, **dict(m.geometry), **overrides)
+    model = M3Model(config.replace(param_dtype="float32"), rngs=nnx.Rngs(cfg.seed))
+    return config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), Path(m.tokenizer)
+
+
+# Data --------------------------------------------------------------------------------------------
+
+
+def loader_settings(cfg: ConfigDict) -> LoaderSettings:
+    d = cfg.data
+    sizing = BatchSizing(
+        token_budget=d.token_budget if d.batch_size_preset is None else None,
+        preset=d.batch_size_preset,
+        max_batch_size=d.max_batch_size,
+        batch_multiple=d.batch_multiple,
+    )
+    return LoaderSettings(
+        sizing=sizing,
+        seed=cfg.seed,
+        group_size=d.group_size,
+        query_max_len=d.query_max_len,
+        passage_max_len=d.passage_max_len,
+        bucket_lengths=tuple(d.passage_buckets),
+        query_instruction=d.query_instruction,
+        passage_instruction=d.passage_instruction,
+        with_teacher_scores=d.knowledge_distillation,
+        sort_negatives_by_teacher=d.sort_negatives_by_teacher,
+    )
+
+
+def batch_spec(shape: tuple[int, int, int], group_size: int, with_teacher: bool) -> dict:
+    batch, q_len, p_len = shape
+    spec = {
+        "query_ids": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
+        "query_mask": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
+        "passage_ids": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
+        "passage_mask": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
+    }
+    if with_teacher:
+        spec["teacher_scores"] = jax.ShapeDtypeStruct((batch, group_size), jnp.float32)
+    return spec
+
+
+# Metrics -----------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Appends metrics to metrics.jsonl and TensorBoard (when tensorboardX is installed)."""
+
+    def __init__(self, workdir: Path):
+        self.jsonl = (workdir / METRICS_FILE).open("a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT so the loop can save a checkpoint before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# The run -----------------------------------------------------------------------------------------
+
+
+def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None = None) -> dict:
+    """Trains per `cfg` (configs/base.py documents every field); returns a summary dict."""
+    workdir = Path(cfg.workdir)
+    if cfg.train.compilation_cache_dir:
+        cache_dir = os.path.expanduser(cfg.train.compilation_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+    # Data first: malformed files fail here, before anything is written.
+    records = read_records(cfg.data.train_files)
+    model_config, params, tokenizer_dir = load_initial_model(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
+    settings = loader_settings(cfg)
+    loader = TrainLoader(
+        records,
+        tokenizer,
+        settings,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    total_steps = cfg.train.num_steps or cfg.train.num_epochs * loader.steps_per_epoch
+    workdir.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "%d records, %d batches per epoch over %d buckets, %d steps",
+        len(records),
+        loader.steps_per_epoch,
+        len(loader.buckets),
+        total_steps,
+    )
+
+    # Optimizer, step and state.
+    tx, schedule = make_optimizer(OptimConfig(**cfg.optim), total_steps, params)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(model_config, rngs=nnx.Rngs(0))))
+    loss_config = LossConfig(group_size=cfg.data.group_size, **cfg.loss)
+    step_config = StepConfig(loss_config, cfg.train.sub_batch_size, cfg.train.dropout)
+    step_fn = jax.jit(
+        functools.partial(
+            train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=step_config
+        ),
+        donate_argnums=0,
+    )
+    summary: dict[str, Any] = {}
+    if eval_fn is not None and cfg.eval.before_training:
+        summary["eval_before"] = eval_fn(model_config, params)
+        log.info("evaluation before training: %s", summary["eval_before"])
+
+    # Resume from the newest checkpoint, if any.
+    manager = checkpoint.make_manager(
+        workdir / CHECKPOINT_DIR,
+        keep=cfg.train.keep_checkpoints,
+        async_save=cfg.train.async_checkpoint,
+    )
+    state = init_state(params, tx, cfg.seed)
+    start_position = LoaderPosition()
+    restored = checkpoint.restore_latest(manager, abstract_state(params, tx))
+    if restored is not None:
+        state, start_position = restored[0], LoaderPosition.from_json(restored[1])
+        log.info("resumed from step %d at loader position %s", int(state.step), start_position)
+    del params
+
+    # Compile every bucket up front.
+    with_teacher = cfg.data.knowledge_distillation
+    state_spec = jax.eval_shape(lambda s: s, state)
+    compiled, compile_seconds = {}, {}
+    for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not cfg.train.progress):
+        start = time.perf_counter()
+        spec = batch_spec(shape, cfg.data.group_size, with_teacher)
+        compiled[shape] = step_fn.lower(state_spec, spec).compile()
+        compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
+    summary["compile_seconds"] = compile_seconds
+    log.info("compiled %d bucket programs: %s", len(compiled), compile_seconds)
+
+    peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
+    writer = MetricsWriter(workdir)
+    stop = StopSignal()
+    step = int(state.step)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not cfg.train.progress)
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    try:
+        for position, host_batch in loader.iterate(start_position):
+            if step >= total_steps:
+                break
+            shape = (
+                host_batch["query_ids"].shape[0],
+                host_batch["query_ids"].shape[1],
+                host_batch["passage_ids"].shape[1],
+            )
+            state, metrics = compiled[shape](state, jax.device_put(host_batch))
+            metrics = jax.device_get(metrics)
+            step += 1
+            progress.update()
+            if not math.isfinite(float(metrics["loss/loss"])):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: "
+                    + ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+                    + "; the last checkpoint (written before this step) is kept"
+                )
+            window.append({"shape": shape, **metrics})
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = summarize_window(window, elapsed, model_config, cfg, peak)
+                writer.write(step, record)
+                progress.set_postfix(loss=f"{record['loss/loss']:.4f}")
+                if cfg.train.progress:
+                    tqdm.write(
+                        f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                    )
+                window, window_start = [], time.perf_counter()
+            if step % cfg.train.save_every == 0 or step == total_steps or stop.received:
+                checkpoint.save(manager, step, state, position.to_json())
+            if stop.received:
+                manager.wait_until_finished()
+                raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
+    finally:
+        progress.close()
+        stop.restore()
+        writer.close()
+        manager.wait_until_finished()
+        manager.close()
+
+    # Export params for M3Embedder.from_pretrained.
+    params = jax.device_get(state.params)
+    export = workdir / EXPORT_DIR
+    if not export.exists():
+        save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
+    summary.update(final_step=step, export=str(export))
+    if eval_fn is not None:
+        summary["eval_after"] = eval_fn(model_config, params)
+        log.info("evaluation after training: %s", summary["eval_after"])
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize_window(
+    window: list[dict], elapsed: float, model_config: ModelConfig, cfg: ConfigDict, peak: float
+) -> dict[str, float]:
+    """Mean loss parts over the window plus lr, grad norm, throughput and MFU."""
+    keys = [k for k in window[-1] if k.startswith("loss/")]
+    out = {k: float(np.mean([w[k] for w in window])) for k in keys}
+    out["lr"] = float(window[-1]["lr"])
+    out["grad_norm"] = float(window[-1]["grad_norm"])
+    tokens = sum(float(w["tokens"]) for w in window)
+    examples = sum(w["shape"][0] for w in window)
+    padded: dict[int, int] = {}
+    for w in window:
+        batch, q_len, p_len = w["shape"]
+        padded[q_len] = padded.get(q_len, 0) + batch * q_len
+        padded[p_len] = padded.get(p_len, 0) + batch * cfg.data.group_size * p_len
+    step_flops = flops.train_flops(model_config, padded, remat=model_config.remat)
+    out["tokens_per_s"] = tokens / elapsed
+    out["examples_per_s"] = examples / elapsed
+    out["mfu"] = flops.mfu(step_flops, elapsed, peak)
+    return out

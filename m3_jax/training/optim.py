@@ -1,0 +1,93 @@
+"""The optax chain: global-norm clipping, AdamW with a linear warm-up/decay schedule, no weight
+decay on biases and LayerNorm, and optionally frozen parameter groups."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from m3_jax.model_dir import Params
+
+HEAD_NAMES = ("colbert_linear", "sparse_linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1  # fraction of total steps spent warming up from 0
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    fix_encoder: bool = False  # train only the colbert and sparse heads
+    fix_position_embedding: bool = False  # freeze encoder/embeddings/position_embeddings
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear 0 → lr over the warm-up, then linear lr → 0 at `total_steps` (HF's "linear")."""
+    warmup = config.warmup_steps
+    if warmup is None:
+        warmup = int(config.warmup_ratio * total_steps)
+    warmup = max(0, min(warmup, total_steps))
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
+            optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1)),
+        ],
+        [warmup],
+    )
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def decay_mask(params: Params) -> Params:
+    """True where weight decay applies: everything except biases and LayerNorm scales."""
+
+    def decays(path, _):
+        return _path_names(path)[-1] not in ("bias", "scale")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def trainable_labels(params: Params, config: OptimConfig) -> Params:
+    """'train' or 'frozen' per parameter, from fix_encoder / fix_position_embedding."""
+
+    def label(path, _):
+        names = _path_names(path)
+        if config.fix_encoder and names[0] not in HEAD_NAMES:
+            return "frozen"
+        if config.fix_position_embedding and "position_embeddings" in names:
+            return "frozen"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(
+    config: OptimConfig, total_steps: int, params: Params
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(config, total_steps)
+    chain = []
+    if config.max_grad_norm > 0:
+        chain.append(optax.clip_by_global_norm(config.max_grad_norm))
+    chain.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    tx = optax.chain(*chain)
+    labels = trainable_labels(params, config)
+    if any(v == "frozen" for v in jax.tree.leaves(labels)):
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule

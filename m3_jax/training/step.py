@@ -1,0 +1,124 @@
+"""Pure training and evaluation steps.
+
+`train_step(state, batch) -> (state, metrics)`: encode queries and passages, build the score
+matrices, take the M3 loss, apply the optax update. With `sub_batch_size`, encoding runs in
+sub-batches under `jax.checkpoint` (the paper's split-batch): activations of one sub-batch at a
+time, embeddings of all, losses over the full batch, the same gradients as unsplit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from m3_jax.losses import LossConfig, m3_loss
+from m3_jax.model.m3 import M3Output
+from m3_jax.model_dir import Params
+from m3_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    loss: LossConfig
+    sub_batch_size: int | None = None  # rows per encoder call; None encodes the batch at once
+    dropout: bool = True  # XLM-R dropout during training
+
+
+def encode(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    ids: jax.Array,
+    mask: jax.Array,
+    dropout_rng: jax.Array | None,
+    sub_batch_size: int | None,
+) -> M3Output:
+    """M3Model outputs for [N, L] inputs, in sub-batches of `sub_batch_size` rows if set."""
+
+    def run(ids, mask, rng):
+        return nnx.merge(graphdef, params)(ids, mask, dropout_rng=rng)
+
+    rows = ids.shape[0]
+    if sub_batch_size is None or sub_batch_size >= rows:
+        return run(ids, mask, dropout_rng)
+    if rows % sub_batch_size:
+        raise ValueError(f"sub_batch_size={sub_batch_size} does not divide the {rows} rows")
+    chunks = rows // sub_batch_size
+
+    def one(args):
+        index, chunk_ids, chunk_mask = args
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        return jax.checkpoint(run)(chunk_ids, chunk_mask, rng)
+
+    split = (jnp.arange(chunks), *(x.reshape(chunks, sub_batch_size, -1) for x in (ids, mask)))
+    out = jax.lax.map(one, split)
+    return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
+
+
+def loss_fn(
+    params: Params,
+    graphdef: nnx.GraphDef,
+    batch: Batch,
+    step: jax.Array,
+    rng: jax.Array | None,
+    config: StepConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    q_rng = p_rng = None
+    if rng is not None:
+        q_rng, p_rng = jax.random.split(rng)
+    q = encode(
+        graphdef, params, batch["query_ids"], batch["query_mask"], q_rng, config.sub_batch_size
+    )
+    p = encode(
+        graphdef, params, batch["passage_ids"], batch["passage_mask"], p_rng, config.sub_batch_size
+    )
+    return m3_loss(
+        q,
+        p,
+        batch["query_ids"],
+        batch["passage_ids"],
+        config.loss,
+        step=step,
+        teacher_scores=batch.get("teacher_scores"),
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: StepConfig,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer update; metrics hold every loss part, lr, grad norm and the token count."""
+    rng = None
+    if config.dropout:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, parts), grads = grad_fn(state.params, graphdef, batch, state.step, rng, config)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        **{f"loss/{k}": v for k, v in parts.items()},
+        "lr": schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "tokens": batch["query_mask"].sum() + batch["passage_mask"].sum(),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_loss(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, config: StepConfig
+) -> dict[str, jax.Array]:
+    """Loss parts without dropout or an update."""
+    _, parts = loss_fn(state.params, graphdef, batch, state.step, None, config)
+    return parts

@@ -1,0 +1,206 @@
+"""Records (m3_jax/data/records.py) and group sampling (m3_jax/data/sampler.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3_jax.data.records import DataError, Record, read_records
+from m3_jax.data.sampler import apply_instructions, check_instruction_format, sample_group
+
+GOOD = {"query": "q", "pos": ["p0", "p1"], "neg": ["n0", "n1", "n2"]}
+SCORED = {**GOOD, "pos_scores": [5.0, 4.0], "neg_scores": [1.0, 3.0, 2.0]}
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def make_record(num_neg: int, scored: bool = False, num_pos: int = 1) -> Record:
+    return Record(
+        query="q",
+        pos=tuple(f"p{i}" for i in range(num_pos)),
+        neg=tuple(f"n{i}" for i in range(num_neg)),
+        pos_scores=tuple(10.0 + i for i in range(num_pos)) if scored else None,
+        neg_scores=tuple(float(i) for i in range(num_neg)) if scored else None,
+        prompt=None,
+        type=None,
+        source="mem:1",
+    )
+
+
+def test_read_records_fields_and_source(tmp_path):
+    extra = {**SCORED, "prompt": "Find: ", "type": "normal", "batch_size": 3}
+    path = write_lines(tmp_path / "a.jsonl", [GOOD, "", extra])
+    records = read_records(path)
+    assert len(records) == 2
+    first, second = records
+    assert first == Record(
+        "q", ("p0", "p1"), ("n0", "n1", "n2"), None, None, None, None, f"{path}:1"
+    )
+    assert second.pos_scores == (5.0, 4.0) and second.neg_scores == (1.0, 3.0, 2.0)
+    assert second.prompt == "Find: " and second.type == "normal"
+    assert second.source == f"{path}:3"  # blank lines keep the numbering
+
+
+def test_read_directory_sorted_and_list_of_paths(tmp_path):
+    write_lines(tmp_path / "b.jsonl", [{**GOOD, "query": "b"}])
+    write_lines(tmp_path / "a.json", [{**GOOD, "query": "a"}])
+    write_lines(tmp_path / "c.txt", [{**GOOD, "query": "ignored"}])
+    assert [r.query for r in read_records(tmp_path)] == ["a", "b"]
+    assert [r.query for r in read_records([tmp_path / "b.jsonl", tmp_path / "a.json"])] == [
+        "b",
+        "a",
+    ]
+
+
+def test_negatives_may_be_missing(tmp_path):
+    path = write_lines(tmp_path / "a.jsonl", [{"query": "q", "pos": ["p"]}])
+    assert read_records(path)[0].neg == ()
+
+
+@pytest.mark.parametrize(
+    "line, field, words",
+    [
+        ('{"query": "q", "pos": ["p"]', None, "invalid JSON"),
+        ('["q", "p"]', None, "expected a JSON object"),
+        ({"pos": ["p"]}, "query", "missing"),
+        ({"query": "  ", "pos": ["p"]}, "query", "empty"),
+        ({"query": 3, "pos": ["p"]}, "query", "expected a string"),
+        ({"query": "q"}, "pos", "missing"),
+        ({"query": "q", "pos": []}, "pos", "empty list"),
+        ({"query": "q", "pos": "p"}, "pos", "expected a list"),
+        ({"query": "q", "pos": ["p", 1]}, "pos[1]", "expected a string"),
+        ({"query": "q", "pos": ["p"], "neg": ["n", ""]}, "neg[1]", "empty"),
+        ({"query": "q", "pos": ["p"], "neg": [None]}, "neg[0]", "expected a string"),
+        ({**SCORED, "pos_scores": [1.0]}, "pos_scores", "1 scores for 2"),
+        ({**SCORED, "neg_scores": [1.0, 2.0, 3.0, 4.0]}, "neg_scores", "4 scores for 3"),
+        ({**SCORED, "neg_scores": [1.0, "x", 2.0]}, "neg_scores[1]", "expected a number"),
+        ({**SCORED, "pos_scores": [1.0, True]}, "pos_scores[1]", "expected a number"),
+        ({**SCORED, "pos_scores": 1.0}, "pos_scores", "expected a list"),
+        ({**SCORED, "neg_scores": None}, "neg_scores", "missing while"),
+        ({**GOOD, "neg_scores": [1.0, 2.0, 3.0]}, "pos_scores", "missing while"),
+        ({**GOOD, "type": "weird"}, "type", "unknown value 'weird'"),
+        ({**GOOD, "prompt": 5}, "prompt", "expected a string"),
+    ],
+)
+def test_errors_name_file_line_field(tmp_path, line, field, words):
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD, "", line, GOOD])
+    with pytest.raises(DataError) as info:
+        read_records(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: ")
+    if field is not None:
+        assert f"field '{field}'" in message
+    assert words in message
+
+
+def test_nan_score_rejected(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"query": "q", "pos": ["p"], "pos_scores": [NaN]}\n')
+    with pytest.raises(DataError, match=r"nan.jsonl:1: field 'pos_scores\[0\]': not finite"):
+        read_records(path)
+
+
+def test_missing_path_empty_dir_and_no_records(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        read_records(tmp_path / "nope.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: directory holds no"):
+        read_records(tmp_path / "empty")
+    blank = write_lines(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="no records"):
+        read_records(blank)
+
+
+def test_positive_uniform_and_negatives_without_replacement():
+    record = make_record(num_neg=10, num_pos=3)
+    positives = Counter()
+    for seed in range(300):
+        group = sample_group(record, 8, np.random.default_rng(seed))
+        assert len(group.passages) == 8
+        negatives = group.passages[1:]
+        assert len(set(negatives)) == 7 and all(n.startswith("n") for n in negatives)
+        positives[group.passages[0]] += 1
+        assert group.teacher_scores is None
+    assert set(positives) == {"p0", "p1", "p2"} and min(positives.values()) > 60
+
+
+def test_few_negatives_repeat_at_most_ceil_times():
+    # 7 negatives from 3: the index list is repeated ceil(7/3) = 3 times, then sampled.
+    record = make_record(num_neg=3)
+    seen_repeat = False
+    for seed in range(50):
+        counts = Counter(sample_group(record, 8, np.random.default_rng(seed)).passages[1:])
+        assert sum(counts.values()) == 7 and set(counts) <= {"n0", "n1", "n2"}
+        assert max(counts.values()) <= 3
+        seen_repeat |= max(counts.values()) > 1
+    assert seen_repeat
+    one = make_record(num_neg=1)
+    assert sample_group(one, 4, np.random.default_rng(0)).passages == ["p0", "n0", "n0", "n0"]
+
+
+def test_group_size_one_and_missing_negatives():
+    record = make_record(num_neg=0, scored=True)
+    group = sample_group(record, 1, np.random.default_rng(0))
+    assert group.passages == ["p0"]
+    np.testing.assert_array_equal(group.teacher_scores, [10.0])
+    with pytest.raises(DataError, match=r"mem:1: field 'neg': .*group_size=2"):
+        sample_group(record, 2, np.random.default_rng(0))
+
+
+def test_sampling_reproducible_from_seed():
+    record = make_record(num_neg=20, num_pos=4, scored=True)
+    a = sample_group(record, 8, np.random.default_rng((1, 2, 3, 4)))
+    b = sample_group(record, 8, np.random.default_rng((1, 2, 3, 4)))
+    c = sample_group(record, 8, np.random.default_rng((1, 2, 3, 5)))
+    assert a.passages == b.passages
+    np.testing.assert_array_equal(a.teacher_scores, b.teacher_scores)
+    assert a.passages != c.passages
+
+
+def test_teacher_scores_aligned_and_sorted():
+    record = make_record(num_neg=20, num_pos=2, scored=True)
+    for seed in range(20):
+        group = sample_group(record, 6, np.random.default_rng(seed))
+        expected = [10.0 + int(group.passages[0][1:])] + [float(p[1:]) for p in group.passages[1:]]
+        assert group.teacher_scores.dtype == np.float32
+        np.testing.assert_array_equal(group.teacher_scores, expected)
+        ordered = sample_group(
+            record, 6, np.random.default_rng(seed), sort_negatives_by_teacher=True
+        )
+        # The same draw, negatives reordered by score, descending.
+        assert sorted(ordered.passages[1:]) == sorted(group.passages[1:])
+        assert ordered.passages[0] == group.passages[0]
+        assert list(ordered.teacher_scores[1:]) == sorted(group.teacher_scores[1:], reverse=True)
+    with pytest.raises(DataError, match="field 'pos_scores'"):
+        sample_group(make_record(5), 3, np.random.default_rng(0), sort_negatives_by_teacher=True)
+
+
+def test_instructions():
+    def query_of(**kwargs) -> str:
+        settings = {"query_instruction": None, "passage_instruction": None, "prompt": None}
+        return apply_instructions("q", ["p"], **{**settings, **kwargs})[0]
+
+    assert apply_instructions(
+        "q", ["p"], query_instruction=None, passage_instruction=None, prompt=None
+    ) == ("q", ["p"])
+    query, passages = apply_instructions(
+        "q", ["a", "b"], query_instruction="Q: ", passage_instruction="P: ", prompt=None
+    )
+    assert (query, passages) == ("Q: q", ["P: a", "P: b"])
+    # A record's prompt replaces the configured instruction; nothing ever adds "None".
+    assert query_of(query_instruction="Q: ", prompt="R: ") == "R: q"
+    assert query_of(prompt="R: ") == "R: q"
+    assert query_of(query_instruction="Q: ", prompt="") == "q"
+    assert query_of(prompt="R", instruction_format="{}\n{}") == "R\nq"
+    with pytest.raises(ValueError, match="two"):
+        check_instruction_format("{}")
+    with pytest.raises(ValueError, match="two"):
+        check_instruction_format("{1}{0}")
