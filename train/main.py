@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Library chatter (orbax logs every save at INFO through absl) would drown the metrics.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("m3_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
     eval_fn = None
     if cfg.eval.heldout_file:

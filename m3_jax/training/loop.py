@@ -85,6 +85,11 @@ def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params, Path]:
     return config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), Path(m.tokenizer)
 
 
+def devices_if_negative(value: int) -> int:
+    """Config sizes of -1 mean "the number of devices"."""
+    return jax.device_count() if value < 0 else value
+
+
 # Data --------------------------------------------------------------------------------------------
 
 
@@ -94,7 +99,7 @@ def loader_settings(cfg: ConfigDict) -> LoaderSettings:
         token_budget=d.token_budget if d.batch_size_preset is None else None,
         preset=d.batch_size_preset,
         max_batch_size=d.max_batch_size,
-        batch_multiple=d.batch_multiple,
+        batch_multiple=devices_if_negative(d.batch_multiple),
     )
     return LoaderSettings(
         sizing=sizing,
@@ -205,7 +210,8 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     # Optimizer, step and state.
     tx, schedule = make_optimizer(OptimConfig(**cfg.optim), total_steps, params)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(model_config, rngs=nnx.Rngs(0))))
-    loss_config = LossConfig(group_size=cfg.data.group_size, **cfg.loss)
+    loss_values = dict(cfg.loss, num_shards=devices_if_negative(cfg.loss.num_shards))
+    loss_config = LossConfig(group_size=cfg.data.group_size, **loss_values)
     step_config = StepConfig(loss_config, cfg.train.sub_batch_size, cfg.train.dropout)
     step_fn = jax.jit(
         functools.partial(

@@ -109,7 +109,7 @@ def train_step(
     metrics = {
         **{f"loss/{k}": v for k, v in parts.items()},
         "lr": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "tokens": batch["query_mask"].sum() + batch["passage_mask"].sum(),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
