@@ -151,7 +151,9 @@ def test_cross_entropy_targets(in_batch):
     targets = losses.positive_columns(B, G, in_batch)
     np.testing.assert_array_equal(np.asarray(targets), ref_targets(B, G, in_batch))
     np.testing.assert_allclose(
-        losses.cross_entropy(jnp.asarray(dense), targets), ref_ce(dense, ref_targets(B, G, in_batch)), **TOL
+        losses.cross_entropy(jnp.asarray(dense), targets),
+        ref_ce(dense, ref_targets(B, G, in_batch)),
+        **TOL,
     )
 
 
@@ -252,9 +254,7 @@ def test_dense_only_when_not_unified(teacher):
         group_size=G,
         teacher_scores=jnp.asarray(teacher_scores) if teacher else None,
     )
-    expected = ref_unified(
-        dense, None, None, G, teacher_scores=teacher_scores if teacher else None
-    )
+    expected = ref_unified(dense, None, None, G, teacher_scores=teacher_scores if teacher else None)
     assert_parts_close(parts, expected)
     np.testing.assert_allclose(total, expected["loss"], **TOL)
 
@@ -277,6 +277,7 @@ def test_precomputed_dense_loss_replaces_only_the_dense_term():
     )
     expected = ref_unified(dense, sparse, colbert, G, dense_loss=7.5)
     assert_parts_close(parts, expected)
+    np.testing.assert_allclose(total, expected["loss"], **TOL)
 
 
 def test_unknown_kd_type():

@@ -50,14 +50,17 @@ def graphdef_of(config) -> nnx.GraphDef:
 
 
 def make_batch(seed: int, batch: int, group: int, lq: int, lp: int, teacher: bool = False):
-    """Right-padded <s> … </s> <pad>… token ids; row 0 is full length, row 1 is short."""
+    """Right-padded <s> … </s> <pad>… token ids; row 0 is full length, row 1 is short.
+
+    Ids come from a small part of the vocab so queries and passages share tokens (sparse scores
+    and their gradients are not all zero)."""
     rng = np.random.default_rng(seed)
 
     def texts(num, length):
         lengths = rng.integers(3, length + 1, num)
         lengths[0], lengths[1] = length, 3
         mask = np.arange(length)[None, :] < lengths[:, None]
-        ids = rng.integers(4, VOCAB, (num, length))
+        ids = rng.integers(4, 30, (num, length))
         ids[:, 0] = 0
         ids[np.arange(num), lengths - 1] = 2
         return jnp.asarray(np.where(mask, ids, 1), jnp.int32), jnp.asarray(mask, jnp.int32)
@@ -114,8 +117,7 @@ def test_split_batch_gradients_equal_unsplit():
     assert tree_max_abs_diff(split_grads, grads) <= 1e-5 * scale
     # Every parameter gets a gradient (the heads included), so the comparison covers them all.
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        if "position_embeddings" not in jax.tree_util.keystr(path):
-            assert np.any(np.asarray(g) != 0), jax.tree_util.keystr(path)
+        assert np.any(np.asarray(g) != 0), jax.tree_util.keystr(path)
 
 
 def test_split_batch_encode_equals_unsplit():
@@ -151,7 +153,8 @@ def test_split_batch_uses_checkpointed_sub_batches():
 # The jitted train step -------------------------------------------------------------------------
 
 
-def jit_train_step(model_config, step_config, optim_config=None, donate=True):
+def jit_train_step(model_config, step_config, optim_config=None):
+    """train_step under jit, donating the state; with the initial state and the lr schedule."""
     params = random_params(model_config, 0)
     optim_config = optim_config or OptimConfig(lr=1e-3, warmup_steps=0)
     tx, schedule = make_optimizer(optim_config, 100, params)
@@ -163,93 +166,85 @@ def jit_train_step(model_config, step_config, optim_config=None, donate=True):
             schedule=schedule,
             config=step_config,
         ),
-        donate_argnums=0 if donate else (),
+        donate_argnums=0,
     )
     return step_fn, init_state(params, tx, seed=0), schedule
 
 
+DENSE_LOSS = dataclasses.replace(LOSS, unified=False)  # cheaper to compile than the full objective
+
+
 @pytest.fixture(scope="module")
-def dropout_runs():
-    """Steps of a jitted, donating train step with dropout on batch A (with teacher scores)."""
-    step_fn, state0, schedule = jit_train_step(CFG, StepConfig(LOSS, dropout=True))
-    out = types.SimpleNamespace(step_fn=step_fn, state0=state0, schedule=schedule)
-    donated = copy_tree(state0)
-    out.first, out.first_metrics = step_fn(donated, BATCH_A)
+def train_runs():
+    """A jitted, donating bf16-compute train step (dense loss, no dropout): six steps on batch A,
+    then batches of another shape. One module-wide run: each program takes seconds to compile."""
+    config = CFG_NO_DROPOUT.replace(dtype="bfloat16")
+    step_fn, state, schedule = jit_train_step(config, StepConfig(DENSE_LOSS, dropout=False))
+    out = types.SimpleNamespace(state0=copy_tree(state), schedule=schedule, sizes=[], metrics=[])
+    donated = state
+    batch_b = make_batch(2, 2, G, 16, 16)
+    for batch in (BATCH_A,) * 6 + (batch_b, BATCH_A, batch_b):
+        state, metrics = step_fn(state, batch)
+        out.metrics.append(metrics)
+        out.sizes.append(step_fn._cache_size())
     out.donated_deleted = all(x.is_deleted() for x in jax.tree.leaves(donated.params))
-    state, out.losses = out.first, [float(out.first_metrics["loss/loss"])]
-    for _ in range(5):
-        state, metrics = step_fn(state, BATCH_A)
-        out.losses.append(float(metrics["loss/loss"]))
-    out.final_step = int(state.step)
+    out.state = state
     return out
 
 
-def test_train_step_lowers_loss(dropout_runs):
-    losses = dropout_runs.losses
-    assert all(np.isfinite(losses))
-    assert losses[-1] < 0.8 * losses[0], losses
-    assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 4, losses
-    assert dropout_runs.final_step == 6
-    m = dropout_runs.first_metrics
-    assert float(m["lr"]) == pytest.approx(float(dropout_runs.schedule(0)))
-    assert float(m["grad_norm"]) > 0
+def test_train_step_lowers_loss(train_runs):
+    losses = [float(m["loss/loss"]) for m in train_runs.metrics[:6]]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < 0.5 * losses[0], losses
+    m = train_runs.metrics[0]
+    assert set(m) == {"loss/dense", "loss/loss", "lr", "grad_norm", "tokens"}
+    assert float(m["lr"]) == pytest.approx(float(train_runs.schedule(0)))
     tokens = BATCH_A["query_mask"].sum() + BATCH_A["passage_mask"].sum()
     assert int(m["tokens"]) == int(tokens)
-    for name in ("dense", "sparse", "colbert", "ensemble", "distill", "loss"):
-        assert np.isfinite(float(m[f"loss/{name}"])), name
+    assert int(train_runs.state.step) == 9
 
 
-def test_train_step_donates_the_state(dropout_runs):
-    assert dropout_runs.donated_deleted
-    assert not any(x.is_deleted() for x in jax.tree.leaves(dropout_runs.state0.params))
+def test_train_step_donates_the_state(train_runs):
+    assert train_runs.donated_deleted
+    assert not any(x.is_deleted() for x in jax.tree.leaves(train_runs.state0.params))
 
 
-def test_dropout_is_deterministic_from_state_and_step(dropout_runs):
-    step_fn, state0 = dropout_runs.step_fn, dropout_runs.state0
+def test_one_program_per_batch_shape(train_runs):
+    # Batch shapes A (six times), B, A, B: two distinct shapes, two programs.
+    assert train_runs.sizes == [1] * 6 + [2, 2, 2]
+
+
+def test_bf16_compute_train_step(train_runs):
+    for metrics in train_runs.metrics:
+        assert np.isfinite(float(metrics["loss/loss"]))
+        assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+    # bf16 activations: close to, but not exactly, the fp32 dense loss of the same params/batch.
+    loss = float(train_runs.metrics[0]["loss/loss"])
+    _, fp32_parts, *_ = loss_grads_outputs(None)
+    assert loss == pytest.approx(float(fp32_parts["dense"]), rel=0.05)
+    assert loss != float(fp32_parts["dense"])
+    for leaf in jax.tree.leaves(train_runs.state.params):
+        assert leaf.dtype == jnp.float32
+    assert tree_max_abs_diff(train_runs.state.params, train_runs.state0.params) > 0
+
+
+def test_dropout_is_deterministic_from_state_and_step():
+    step_fn, state0, _ = jit_train_step(CFG, StepConfig(DENSE_LOSS, dropout=True))
+    first, first_metrics = step_fn(copy_tree(state0), BATCH_A)
     again, again_metrics = step_fn(copy_tree(state0), BATCH_A)
-    assert tree_max_abs_diff(again.params, dropout_runs.first.params) == 0.0
-    for name, value in dropout_runs.first_metrics.items():
+    assert tree_max_abs_diff(again.params, first.params) == 0.0
+    for name, value in first_metrics.items():
         np.testing.assert_array_equal(again_metrics[name], value, err_msg=name)
-    loss = float(dropout_runs.first_metrics["loss/loss"])
-    # Without dropout the loss differs (same params, batch and step); so does the dropout mask
-    # at another step or with another seed.
-    no_dropout_loss, *_ = loss_grads_outputs(None)
-    assert abs(loss - float(no_dropout_loss)) > 1e-4
+    loss = float(first_metrics["loss/loss"])
+    # Without dropout (the same params, batch and step; dropout rates only act with an rng) the
+    # loss differs; so does the dropout mask at another step or with another seed.
+    _, no_dropout_parts, *_ = loss_grads_outputs(None)
+    assert abs(loss - float(no_dropout_parts["dense"])) > 1e-4
     _, other_step = step_fn(copy_tree(state0.replace(step=jnp.int32(1))), BATCH_A)
     assert abs(float(other_step["loss/loss"]) - loss) > 1e-4
     reseeded = state0.replace(rng=jax.random.key_data(jax.random.key(1)))
     _, other_seed = step_fn(copy_tree(reseeded), BATCH_A)
     assert abs(float(other_seed["loss/loss"]) - loss) > 1e-4
-
-
-def test_one_program_per_batch_shape():
-    """A cheap (dense-only, no dropout) step fed two batch shapes compiles two programs."""
-    step_fn, state, _ = jit_train_step(
-        CFG_NO_DROPOUT, StepConfig(dataclasses.replace(LOSS, unified=False), dropout=False)
-    )
-    batch_b = make_batch(2, 2, G, 16, 16)
-    sizes = []
-    for batch in (BATCH_A, BATCH_A, batch_b, BATCH_A, batch_b, BATCH_A):
-        state, metrics = step_fn(state, batch)
-        assert np.isfinite(float(metrics["loss/loss"]))
-        sizes.append(step_fn._cache_size())
-    assert sizes == [1, 1, 2, 2, 2, 2]
-    assert int(state.step) == 6
-
-
-def test_bf16_compute_train_step():
-    config = CFG_NO_DROPOUT.replace(dtype="bfloat16")
-    step_fn, state, _ = jit_train_step(config, StepConfig(LOSS, dropout=False), donate=False)
-    new_state, metrics = step_fn(state, BATCH_A)
-    loss = float(metrics["loss/loss"])
-    assert np.isfinite(loss) and np.isfinite(float(metrics["grad_norm"]))
-    # bf16 activations: close to, but not exactly, the fp32 loss of the same params and batch.
-    fp32_loss = float(loss_grads_outputs(None)[0])
-    assert loss == pytest.approx(fp32_loss, rel=0.05)
-    assert loss != fp32_loss
-    for leaf in jax.tree.leaves(new_state.params):
-        assert leaf.dtype == jnp.float32
-    assert tree_max_abs_diff(new_state.params, state.params) > 0
 
 
 # The optimizer ---------------------------------------------------------------------------------
@@ -379,17 +374,23 @@ def test_optimizer_applies_the_schedule():
     tx, schedule = make_optimizer(config, 12, params)
     opt_state = tx.init(params)
     grads = {"encoder": {"w": {"kernel": jnp.ones((3,))}}}
+    update = jax.jit(tx.update)
     for step in range(14):
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = update(grads, opt_state, params)
         expected = -_expected_lr(step, 0.1, 4, 12)
-        np.testing.assert_allclose(updates["encoder"]["w"]["kernel"], expected, rtol=1e-4, atol=1e-9)
-        assert float(schedule(step)) == pytest.approx(-expected, abs=1e-9)
+        np.testing.assert_allclose(
+            updates["encoder"]["w"]["kernel"], expected, rtol=1e-4, atol=1e-9
+        )
+        assert float(schedule(step)) == pytest.approx(-expected, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0, 10.0])
 def test_gradient_clipping(max_grad_norm):
     """With eps ≫ |g|, Adam's first update is −lr·g/eps, so its norm shows the clipped gradient."""
-    params = {"encoder": {"a": {"kernel": jnp.ones((40, 3))}}, "sparse_linear": {"bias": jnp.ones(7)}}
+    params = {
+        "encoder": {"a": {"kernel": jnp.ones((40, 3))}},
+        "sparse_linear": {"bias": jnp.ones(7)},
+    }
     lr, eps = 1e-2, 1e4
     config = OptimConfig(
         lr=lr, warmup_steps=0, weight_decay=0.0, eps=eps, max_grad_norm=max_grad_norm
@@ -397,7 +398,7 @@ def test_gradient_clipping(max_grad_norm):
     tx, _ = make_optimizer(config, 10, params)
     grads = _random_grads(params, 0)
     grads = jax.tree.map(lambda g: g * (5.0 / optax.tree.norm(grads)), grads)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     norm = float(optax.tree.norm(updates)) * eps / lr
     expected = 5.0 if max_grad_norm <= 0 else min(5.0, max_grad_norm)
     assert norm == pytest.approx(expected, rel=1e-3)
