@@ -199,6 +199,11 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     )
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * loader.steps_per_epoch
     workdir.mkdir(parents=True, exist_ok=True)
+    if loader.num_unused_examples:
+        log.warning(
+            "%d examples fit no bucket that fills a global batch and are not used",
+            loader.num_unused_examples,
+        )
     log.info(
         "%d records, %d batches per epoch over %d buckets, %d steps",
         len(records),
