@@ -1,0 +1,179 @@
+"""Encoding a corpus (or queries) for retrieval: length-ordered shards, resumable on disk.
+
+Texts are ordered by character length (longest first, as FlagEmbedding sorts) and cut into shards
+of `shard_size`; `M3Embedder.encode` then packs each shard into its static length buckets, so
+similar lengths share padded shapes. With `cache_dir`, every finished shard is written as
+`shard-NNNNN.npz` (atomically: temporary name, then rename) next to a `manifest.json` that pins the
+texts, model fingerprint, max length and outputs; a rerun loads the finished shards and encodes
+only the rest, so an interrupted encoding of a large corpus resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from m3_jax.sparse_formats import to_csr
+
+OUTPUTS = ("dense", "sparse", "colbert")
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class EncodedTexts:
+    """Embeddings of N texts in input order; an output not asked for is None."""
+
+    dense: np.ndarray | None  # [N, D] float32, L2-normalised
+    sparse: Any  # scipy.sparse.csr_matrix [N, vocab] float32 (lexical weights)
+    colbert_vecs: np.ndarray | None  # [T, D]: every text's colbert vectors, concatenated
+    colbert_offsets: np.ndarray | None  # [N + 1] int64: text i owns rows offsets[i]:offsets[i+1]
+
+    def colbert(self, i: int) -> np.ndarray:
+        return self.colbert_vecs[self.colbert_offsets[i] : self.colbert_offsets[i + 1]]
+
+
+def _check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
+    unknown = sorted(set(outputs) - set(OUTPUTS))
+    if unknown or not outputs:
+        raise ValueError(f"outputs {list(outputs)}: expected a non-empty subset of {OUTPUTS}")
+    return tuple(o for o in OUTPUTS if o in outputs)
+
+
+def _encode_shard(embedder, texts: list[str], max_length: int, outputs) -> dict[str, np.ndarray]:
+    out = embedder.encode(
+        texts,
+        max_length=max_length,
+        return_dense="dense" in outputs,
+        return_sparse="sparse" in outputs,
+        return_colbert_vecs="colbert" in outputs,
+    )
+    arrays: dict[str, np.ndarray] = {}
+    if "dense" in outputs:
+        arrays["dense"] = np.asarray(out["dense_vecs"], np.float32)
+    if "sparse" in outputs:
+        csr = to_csr(out["lexical_weights"], embedder.config.vocab_size)
+        arrays.update(sparse_indptr=csr.indptr, sparse_indices=csr.indices, sparse_values=csr.data)
+    if "colbert" in outputs:
+        vecs = out["colbert_vecs"]
+        arrays["colbert_vecs"] = np.concatenate(vecs).astype(np.float32)
+        arrays["colbert_lengths"] = np.array([len(v) for v in vecs], np.int64)
+    return arrays
+
+
+def _fingerprint(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _check_manifest(cache_dir: Path, manifest: dict) -> None:
+    path = cache_dir / MANIFEST
+    if path.is_file():
+        found = json.loads(path.read_text())
+        changed = sorted(k for k in manifest if found.get(k) != manifest[k])
+        if changed:
+            raise ValueError(
+                f"{path}: this cache was written for other settings ({', '.join(changed)} differ); "
+                "delete the directory or choose another cache directory"
+            )
+    else:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def encode_texts(
+    embedder,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    outputs: Sequence[str] = OUTPUTS,
+    shard_size: int = 8192,
+    cache_dir: str | os.PathLike | None = None,
+    model_fingerprint: str = "",
+    progress: bool = True,
+    desc: str = "encode",
+) -> EncodedTexts:
+    """Embeds `texts` with an `M3Embedder` in length-ordered shards (see the module docstring).
+
+    model_fingerprint: anything that identifies the weights (e.g. a model path and step); a cache
+    written under another fingerprint, text list, max length, shard size or output set is refused.
+    """
+    outputs = _check_outputs(outputs)
+    if not texts:
+        raise ValueError(f"{desc}: no texts to encode")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    order = np.array(sorted(range(len(texts)), key=lambda i: -len(texts[i])), np.int64)
+    shards = [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        manifest = dict(
+            num_texts=len(texts),
+            texts_sha256=_fingerprint(texts),
+            model=model_fingerprint,
+            max_length=max_length,
+            outputs=list(outputs),
+            shard_size=shard_size,
+        )
+        _check_manifest(cache, manifest)
+
+    parts: list[dict[str, np.ndarray]] = []
+    inner_progress = embedder.show_progress
+    embedder.show_progress = progress and len(shards) == 1
+    try:
+        bar = tqdm(shards, desc=desc, disable=not progress or len(shards) == 1, unit="shard")
+        for index, shard in enumerate(bar):
+            path = cache / f"shard-{index:05d}.npz" if cache is not None else None
+            if path is not None and path.is_file():
+                with np.load(path) as data:
+                    parts.append({k: data[k] for k in data.files})
+                continue
+            arrays = _encode_shard(embedder, [texts[i] for i in shard], max_length, outputs)
+            if path is not None:
+                tmp = path.with_name(path.name + ".tmp.npz")
+                np.savez(tmp, **arrays)
+                tmp.replace(path)
+            parts.append(arrays)
+    finally:
+        embedder.show_progress = inner_progress
+    return _assemble(parts, order, outputs, embedder.config.vocab_size)
+
+
+def _assemble(parts, order: np.ndarray, outputs, vocab_size: int) -> EncodedTexts:
+    """Concatenates shards (in length order) and puts the rows back in input order."""
+    from scipy import sparse
+
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    dense = csr = vecs = offsets = None
+    if "dense" in outputs:
+        dense = np.concatenate([p["dense"] for p in parts])[inverse]
+    if "sparse" in outputs:
+        blocks = [
+            sparse.csr_matrix(
+                (p["sparse_values"], p["sparse_indices"], p["sparse_indptr"]),
+                shape=(len(p["sparse_indptr"]) - 1, vocab_size),
+            )
+            for p in parts
+        ]
+        csr = sparse.vstack(blocks, format="csr")[inverse]
+    if "colbert" in outputs:
+        lengths = np.concatenate([p["colbert_lengths"] for p in parts])
+        sorted_vecs = np.concatenate([p["colbert_vecs"] for p in parts])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        offsets = np.concatenate([[0], np.cumsum(lengths[inverse])]).astype(np.int64)
+        rows = np.concatenate(
+            [np.arange(starts[j], starts[j + 1]) for j in inverse] or [np.zeros(0, np.int64)]
+        )
+        vecs = sorted_vecs[rows]
+    return EncodedTexts(dense, csr, vecs, offsets)
