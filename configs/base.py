@@ -5,6 +5,8 @@ python train/main.py --config configs/base.py --config.data.train_files=data/ --
 
 from ml_collections import ConfigDict
 
+from m3_jax.sharding import FSDP_RULES
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
     del arg
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.token_budget = 65536  # query + passage tokens per global batch (sets batch sizes)
     c.data.batch_size_preset = None  # "flag_embedding": the paper's per-length table instead
     c.data.max_batch_size = 1024  # cap on the global batch size of any bucket
-    c.data.batch_multiple = 1  # global batch sizes are multiples of this (data-parallel shards)
+    c.data.batch_multiple = -1  # global batch sizes are multiples of this; -1 = data-parallel size
     c.data.query_instruction = None  # prepended to every query, e.g. "Represent this query: "
     c.data.passage_instruction = None  # prepended to every passage
     c.data.knowledge_distillation = False  # use pos_scores/neg_scores as teacher scores
@@ -50,9 +52,25 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.loss.in_batch_negatives = True  # False: each query sees only its own group
     c.loss.cross_device_negatives = True  # dense loss over the global batch
     c.loss.ddp_dense_grad_scale = False  # scale that dense gradient by 1/shards, as DDP does
-    c.loss.num_shards = 1  # local groups for sparse/colbert/ensemble losses (data-parallel size)
+    c.loss.num_shards = (
+        -1
+    )  # local groups for sparse/colbert/ensemble losses; -1 = data-parallel size
     c.loss.ensemble_weights = (1.0, 0.3, 1.0)  # dense, sparse, colbert inside the teacher score
     c.loss.loss_weights = (1.0, 0.1, 1.0)  # dense, sparse, colbert loss weights
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # data-parallel devices per slice (replicated params); -1 = the rest
+    c.mesh.fsdp = -1  # fully sharded data-parallel devices per slice (params split); -1 = the rest
+    c.mesh.tensor = 1  # tensor-parallel devices (attention heads and MLP split)
+    c.mesh.dcn_data = 1  # multi-slice: slices along the data axis (over the data-centre network)
+    c.mesh.dcn_fsdp = 1  # multi-slice: slices along the fsdp axis
+    c.mesh.rules = FSDP_RULES  # logical parameter axis -> mesh axis (None = replicated)
+
+    c.distributed = ConfigDict()
+    c.distributed.initialize = False  # multi-process: jax.distributed.initialize() before anything
+    c.distributed.coordinator_address = ""  # host:port of process 0; "" = detect (TPU pods, SLURM)
+    c.distributed.num_processes = 0  # 0 = detect
+    c.distributed.process_id = -1  # -1 = detect
 
     c.optim = ConfigDict()
     c.optim.lr = 1e-5  # peak learning rate

@@ -12,6 +12,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from m3_jax.evaluation.heldout import evaluate_heldout  # noqa: E402
+from m3_jax.sharding import initialize_distributed  # noqa: E402
 from m3_jax.training.loop import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
@@ -25,6 +26,9 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("m3_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
+    if cfg.distributed.initialize:
+        d = cfg.distributed
+        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     eval_fn = None
     if cfg.eval.heldout_file:
         eval_fn = lambda model_config, params: evaluate_heldout(  # noqa: E731

@@ -9,6 +9,7 @@ from flax import nnx
 from m3_jax.config import ModelConfig
 from m3_jax.model.attention import attention
 from m3_jax.model.layers import Dense, Embed, LayerNorm, dropout
+from m3_jax.sharding import constrain_batch
 
 
 def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
@@ -128,10 +129,10 @@ class Encoder(nnx.Module):
         """input_ids, attention_mask: [batch, length] → hidden states [batch, length, hidden]."""
         # Layers use fold_in(rng, 0..n-1); the embeddings take n (fold_in data must be >= 0).
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(self.layers))
-        x = self.embeddings(input_ids, rng)
+        x = constrain_batch(self.embeddings(input_ids, rng))
         key_mask = attention_mask.astype(bool)
         apply = _apply_layer_remat if self.remat else _apply_layer
         for index, layer in enumerate(self.layers):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-            x = apply(layer, x, key_mask, rng)
+            x = constrain_batch(apply(layer, x, key_mask, rng))
         return x

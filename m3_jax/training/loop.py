@@ -7,7 +7,6 @@ checkpoint before exiting), metrics (stdout, metrics.jsonl, TensorBoard) and the
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -19,25 +18,33 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from m3_jax import checkpoint, flops
+from m3_jax import checkpoint, flops, sharding
 from m3_jax import config as model_presets
 from m3_jax.config import ModelConfig
 from m3_jax.data.buckets import BatchSizing
-from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader
+from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader, to_global_batch
 from m3_jax.data.records import read_records
 from m3_jax.losses import LossConfig
 from m3_jax.model import M3Model
-from m3_jax.model_dir import Params, is_model_dir, load_model_dir, save_model_dir
+from m3_jax.model_dir import (
+    Params,
+    abstract_params,
+    is_model_dir,
+    load_model_dir,
+    save_model_dir,
+)
 from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
+from m3_jax.training import sharded
 from m3_jax.training.optim import OptimConfig, make_optimizer
-from m3_jax.training.state import abstract_state, init_state
-from m3_jax.training.step import StepConfig, train_step
+from m3_jax.training.state import abstract_state
+from m3_jax.training.step import StepConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,9 @@ class NonFiniteLossError(FloatingPointError):
 # Model -------------------------------------------------------------------------------------------
 
 
-def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params, Path]:
-    """(model config, float32 params, tokenizer dir) from `model.init_from` or a fresh init."""
+def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params | None, Path]:
+    """(model config, float32 host params or None for a fresh init, tokenizer dir) from
+    `model.init_from`, or from `model.preset` and the tokenizer's vocabulary."""
     m = cfg.model
     overrides = dict(
         dtype=m.dtype,
@@ -80,26 +88,29 @@ def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params, Path]:
         )
     vocab_size = len(load_tokenizer(m.tokenizer))
     preset = getattr(model_presets, m.preset)
-    config = preset(vocab_size=vocab_size, **dict(m.geometry), **overrides)
-    model = M3Model(config.replace(param_dtype="float32"), rngs=nnx.Rngs(cfg.seed))
-    return config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), Path(m.tokenizer)
+    return preset(vocab_size=vocab_size, **dict(m.geometry), **overrides), None, Path(m.tokenizer)
 
 
-def devices_if_negative(value: int) -> int:
-    """Config sizes of -1 mean "the number of devices"."""
-    return jax.device_count() if value < 0 else value
+def mesh_from_config(cfg: ConfigDict) -> Mesh:
+    c = cfg.mesh
+    return sharding.make_mesh(c.data, c.fsdp, c.tensor, dcn_data=c.dcn_data, dcn_fsdp=c.dcn_fsdp)
+
+
+def data_parallel_if_negative(value: int, mesh: Mesh) -> int:
+    """Config sizes of -1 mean "the number of data-parallel shards of the mesh"."""
+    return sharding.data_parallel_size(mesh) if value < 0 else value
 
 
 # Data --------------------------------------------------------------------------------------------
 
 
-def loader_settings(cfg: ConfigDict) -> LoaderSettings:
+def loader_settings(cfg: ConfigDict, mesh: Mesh) -> LoaderSettings:
     d = cfg.data
     sizing = BatchSizing(
         token_budget=d.token_budget if d.batch_size_preset is None else None,
         preset=d.batch_size_preset,
         max_batch_size=d.max_batch_size,
-        batch_multiple=devices_if_negative(d.batch_multiple),
+        batch_multiple=data_parallel_if_negative(d.batch_multiple, mesh),
     )
     return LoaderSettings(
         sizing=sizing,
@@ -113,19 +124,6 @@ def loader_settings(cfg: ConfigDict) -> LoaderSettings:
         with_teacher_scores=d.knowledge_distillation,
         sort_negatives_by_teacher=d.sort_negatives_by_teacher,
     )
-
-
-def batch_spec(shape: tuple[int, int, int], group_size: int, with_teacher: bool) -> dict:
-    batch, q_len, p_len = shape
-    spec = {
-        "query_ids": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
-        "query_mask": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
-        "passage_ids": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
-        "passage_mask": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
-    }
-    if with_teacher:
-        spec["teacher_scores"] = jax.ShapeDtypeStruct((batch, group_size), jnp.float32)
-    return spec
 
 
 # Metrics -----------------------------------------------------------------------------------------
@@ -168,6 +166,15 @@ class StopSignal:
     def _handle(self, signum, _frame):
         self.received = signum
 
+    def agreed(self) -> bool:
+        """Whether any process got a signal; every process gets the same answer, so all of them
+        join the same final checkpoint."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+        self.received = self.received or int(np.max(flags)) or None
+        return self.received is not None
+
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
@@ -177,8 +184,14 @@ class StopSignal:
 
 
 def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None = None) -> dict:
-    """Trains per `cfg` (configs/base.py documents every field); returns a summary dict."""
+    """Trains per `cfg` (configs/base.py documents every field); returns a summary dict.
+
+    Multi-process runs call this on every process (after `jax.distributed.initialize`); only
+    process 0 writes metrics and the summary.
+    """
     workdir = Path(cfg.workdir)
+    lead = jax.process_index() == 0
+    show = cfg.train.progress and lead
     if cfg.train.compilation_cache_dir:
         cache_dir = os.path.expanduser(cfg.train.compilation_cache_dir)
         jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -186,14 +199,15 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
 
     # Data first: malformed files fail here, before anything is written.
     records = read_records(cfg.data.train_files)
-    model_config, params, tokenizer_dir = load_initial_model(cfg)
+    model_config, host_params, tokenizer_dir = load_initial_model(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
-    settings = loader_settings(cfg)
+    mesh = mesh_from_config(cfg)
+    log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     loader = TrainLoader(
         records,
         tokenizer,
-        settings,
+        loader_settings(cfg, mesh),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -212,54 +226,60 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
         total_steps,
     )
 
-    # Optimizer, step and state.
-    tx, schedule = make_optimizer(OptimConfig(**cfg.optim), total_steps, params)
+    # Optimizer, step and the sharded state.
+    abstract = abstract_params(model_config.replace(param_dtype="float32"))
+    tx, schedule = make_optimizer(OptimConfig(**cfg.optim), total_steps, abstract)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(model_config, rngs=nnx.Rngs(0))))
-    loss_values = dict(cfg.loss, num_shards=devices_if_negative(cfg.loss.num_shards))
+    loss_values = dict(cfg.loss, num_shards=data_parallel_if_negative(cfg.loss.num_shards, mesh))
     loss_config = LossConfig(group_size=cfg.data.group_size, **loss_values)
     step_config = StepConfig(loss_config, cfg.train.sub_batch_size, cfg.train.dropout)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=step_config
-        ),
-        donate_argnums=0,
-    )
+    layout = sharded.state_shardings(model_config, tx, mesh, tuple(cfg.mesh.rules))
+    step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
+    if host_params is None:
+        params = sharded.fresh_params(model_config, cfg.seed, layout.params)
+    else:
+        params = sharding.put_global(host_params, layout.params)
+    del host_params
     summary: dict[str, Any] = {}
     if eval_fn is not None and cfg.eval.before_training:
-        summary["eval_before"] = eval_fn(model_config, params)
+        summary["eval_before"] = eval_fn(model_config, gather(params))
         log.info("evaluation before training: %s", summary["eval_before"])
 
-    # Resume from the newest checkpoint, if any.
+    # Resume from the newest checkpoint, if any, onto this run's mesh.
     manager = checkpoint.make_manager(
         workdir / CHECKPOINT_DIR,
         keep=cfg.train.keep_checkpoints,
         async_save=cfg.train.async_checkpoint,
     )
-    state = init_state(params, tx, cfg.seed)
     start_position = LoaderPosition()
-    restored = checkpoint.restore_latest(manager, abstract_state(params, tx))
+    target = sharded.with_shardings(abstract_state(abstract, tx), layout)
+    restored = checkpoint.restore_latest(manager, target)
     if restored is not None:
         state, start_position = restored[0], LoaderPosition.from_json(restored[1])
         log.info("resumed from step %d at loader position %s", int(state.step), start_position)
+    else:
+        state = sharded.initial_state(params, tx, cfg.seed, layout)
     del params
 
     # Compile every bucket up front.
     with_teacher = cfg.data.knowledge_distillation
     state_spec = jax.eval_shape(lambda s: s, state)
     compiled, compile_seconds = {}, {}
-    for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not cfg.train.progress):
-        start = time.perf_counter()
-        spec = batch_spec(shape, cfg.data.group_size, with_teacher)
-        compiled[shape] = step_fn.lower(state_spec, spec).compile()
-        compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
+    with jax.set_mesh(mesh):
+        for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not show):
+            start = time.perf_counter()
+            spec = sharded.batch_spec(shape, cfg.data.group_size, with_teacher)
+            compiled[shape] = step_fn.lower(state_spec, spec).compile()
+            compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
     summary["compile_seconds"] = compile_seconds
     log.info("compiled %d bucket programs: %s", len(compiled), compile_seconds)
 
     peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir) if lead else None
     stop = StopSignal()
+    batch_layout = sharding.batch_sharding(mesh)
     step = int(state.step)
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not cfg.train.progress)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     window: list[dict] = []
     window_start = time.perf_counter()
     try:
@@ -267,11 +287,12 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
             if step >= total_steps:
                 break
             shape = (
-                host_batch["query_ids"].shape[0],
+                host_batch["query_ids"].shape[0] * jax.process_count(),
                 host_batch["query_ids"].shape[1],
                 host_batch["passage_ids"].shape[1],
             )
-            state, metrics = compiled[shape](state, jax.device_put(host_batch))
+            batch = to_global_batch(host_batch, batch_layout)
+            state, metrics = compiled[shape](state, batch)
             metrics = jax.device_get(metrics)
             step += 1
             progress.update()
@@ -285,36 +306,47 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = summarize_window(window, elapsed, model_config, cfg, peak)
-                writer.write(step, record)
+                if writer is not None:
+                    writer.write(step, record)
                 progress.set_postfix(loss=f"{record['loss/loss']:.4f}")
-                if cfg.train.progress:
+                if show:
                     tqdm.write(
                         f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
                     )
                 window, window_start = [], time.perf_counter()
-            if step % cfg.train.save_every == 0 or step == total_steps or stop.received:
+            stopping = stop.agreed()
+            if step % cfg.train.save_every == 0 or step == total_steps or stopping:
                 checkpoint.save(manager, step, state, position.to_json())
-            if stop.received:
+            if stopping:
                 manager.wait_until_finished()
                 raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
     finally:
         progress.close()
         stop.restore()
-        writer.close()
+        if writer is not None:
+            writer.close()
         manager.wait_until_finished()
         manager.close()
 
     # Export params for M3Embedder.from_pretrained.
-    params = jax.device_get(state.params)
+    params = gather(state.params)
     export = workdir / EXPORT_DIR
-    if not export.exists():
+    if not export.exists() and lead:
         save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
     summary.update(final_step=step, export=str(export))
     if eval_fn is not None:
         summary["eval_after"] = eval_fn(model_config, params)
         log.info("evaluation after training: %s", summary["eval_after"])
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if lead:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def gather(tree: Any) -> Any:
+    """Global (possibly multi-host) arrays → full numpy arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def summarize_window(

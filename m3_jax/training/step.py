@@ -19,6 +19,7 @@ from flax import nnx
 from m3_jax.losses import LossConfig, m3_loss
 from m3_jax.model.m3 import M3Output
 from m3_jax.model_dir import Params
+from m3_jax.sharding import constrain_batch
 from m3_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -56,9 +57,16 @@ def encode(
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
         return jax.checkpoint(run)(chunk_ids, chunk_mask, rng)
 
-    split = (jnp.arange(chunks), *(x.reshape(chunks, sub_batch_size, -1) for x in (ids, mask)))
-    out = jax.lax.map(one, split)
-    return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
+    # Chunk c holds rows c, c + chunks, c + 2·chunks, ...: with rows split in blocks over the
+    # data-parallel devices, every device then works on its share of every chunk.
+    def split(x):
+        return constrain_batch(x.reshape(sub_batch_size, chunks, *x.shape[1:]).swapaxes(0, 1), 1)
+
+    def join(x):
+        return x.swapaxes(0, 1).reshape(rows, *x.shape[2:])
+
+    out = jax.lax.map(one, (jnp.arange(chunks), split(ids), split(mask)))
+    return jax.tree.map(join, out)
 
 
 def loss_fn(

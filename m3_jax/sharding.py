@@ -1,0 +1,276 @@
+"""Device mesh, logical-axis rules and the shardings of params, optimizer state and batches.
+
+The mesh has three axes, `("data", "fsdp", "tensor")`. Batches are split over `("data", "fsdp")`
+(so one `jit` over the global batch gives in-batch negatives across every device); parameters are
+split by rules that map each logical axis name the model declares (`vocab`, `embed`, `heads`,
+`kv`, `mlp`, `colbert`) to a mesh axis or to None (replicated). The default rules are FSDP:
+`embed` over `fsdp`, heads and MLP over `tensor` (a no-op while `tensor` has size 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from m3_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv", "mlp", "colbert")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+FSDP_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", None),  # 250002 rows divide by no device count; the table splits on `embed`
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("colbert", "tensor"),
+)
+
+
+# Mesh --------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with one -1 filled so that the product is `num_devices`."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {tuple(sizes)}: use positive sizes and at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh sizes {tuple(sizes)} do not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {math.prod(sizes)} devices, "
+            f"but {num_devices} are available; set one size to -1 to fill the rest"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    *,
+    dcn_data: int = 1,
+    dcn_fsdp: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all of them).
+
+    data/fsdp/tensor are the sizes within a slice (ICI); dcn_data/dcn_fsdp multiply the data and
+    fsdp axes across slices (multi-slice TPU over the data-centre network). Axes are Auto, so
+    the rest of the program is GSPMD with sharding annotations.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = (dcn_data, dcn_fsdp, 1)
+    if dcn_data < 1 or dcn_fsdp < 1:
+        raise ValueError(f"dcn sizes must be positive, got dcn_data={dcn_data} dcn_fsdp={dcn_fsdp}")
+    per_slice = len(devices) // math.prod(dcn)
+    if per_slice * math.prod(dcn) != len(devices):
+        raise ValueError(f"{len(devices)} devices do not split into {math.prod(dcn)} slices")
+    ici = resolve_mesh_shape(data, fsdp, tensor, per_slice)
+    if math.prod(dcn) > 1:
+        # TPU devices know their slice; elsewhere (multi-node GPU) each process is a granule.
+        by_process = not hasattr(devices[0], "slice_index")
+        granules = {d.process_index if by_process else d.slice_index for d in devices}
+        if len(granules) != math.prod(dcn):
+            kind = "processes" if by_process else "slices"
+            raise ValueError(
+                f"dcn_data x dcn_fsdp = {math.prod(dcn)} needs as many {kind}; "
+                f"the devices come from {len(granules)}"
+            )
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=by_process
+        )
+    else:
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many blocks the global batch is split into."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def initialize_distributed(
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    local_device_ids: Sequence[int] | None = None,
+) -> None:
+    """`jax.distributed.initialize` for a multi-process run; call it before anything touches a
+    backend. With no arguments JAX detects the cluster itself (TPU pods, SLURM, ...)."""
+    if jax.distributed.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if coordinator_address:
+        kwargs["coordinator_address"] = coordinator_address
+    if num_processes > 0:
+        kwargs["num_processes"] = num_processes
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
+    if local_device_ids:
+        kwargs["local_device_ids"] = list(local_device_ids)
+    jax.distributed.initialize(**kwargs)
+
+
+# Logical axes → partition specs ------------------------------------------------------------------
+
+
+def logical_axes(config: ModelConfig) -> Any:
+    """The params pytree of `M3Model(config)` with each leaf replaced by its logical axis names."""
+    from m3_jax.model import M3Model  # the model imports constrain_batch from here
+
+    abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    names = jax.tree.map(
+        lambda v: tuple(v.get_metadata()["out_sharding"]),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(names)
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def spec_for(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], rules: Rules, mesh_shape: dict[str, int]
+) -> PartitionSpec:
+    """The PartitionSpec of one array with logical `axes`; a dimension that its mesh axes do not
+    divide is replicated (logged), and an unknown logical name is an error."""
+    table = dict(rules)
+    spec: list[Any] = []
+    used: set[str] = set()
+    for name, size in zip(axes, shape, strict=True):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}"
+            )
+        target = table[name]
+        mesh_axes = () if target is None else (target,) if isinstance(target, str) else target
+        for axis in mesh_axes:
+            if axis not in mesh_shape:
+                raise ValueError(f"rule {name!r} -> {axis!r}: mesh axes are {list(mesh_shape)}")
+            if axis in used:
+                raise ValueError(f"mesh axis {axis!r} used twice in one array's axes {axes}")
+        ways = math.prod(mesh_shape[a] for a in mesh_axes)
+        if ways > 1 and size % ways:
+            log.info("%s of size %d does not split %d ways; replicated", name, size, ways)
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def param_specs(config: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> Any:
+    """PartitionSpecs for the params pytree of `M3Model(config)`."""
+    from m3_jax.model_dir import abstract_params
+
+    shapes = abstract_params(config)
+    return jax.tree.map(
+        lambda axes, leaf: spec_for(axes, leaf.shape, rules, mesh_shape),
+        logical_axes(config),
+        shapes,
+        is_leaf=_is_axes,
+    )
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+    specs = param_specs(config, rules, dict(mesh.shape))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def opt_state_shardings(
+    tx: optax.GradientTransformation, abstract_opt_state: Any, params_sharding: Any, mesh: Mesh
+) -> Any:
+    """Optimizer state laid out like the params it mirrors (Adam moments); the rest replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_opt_state,
+        params_sharding,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Axis 0 (queries, or their passages) split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same on every process) → global arrays; each device takes only its slice,
+    so the whole tree never sits on one device. `shardings`: one per leaf, or one for all."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """Keeps activation `x` split over the data-parallel axes along `batch_axis` when a mesh with
+    those axes is set (`jax.set_mesh`); a no-op otherwise (inference, single device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = [None] * x.ndim
+    spec[batch_axis] = BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+# Memory accounting -------------------------------------------------------------------------------
+
+
+def shard_shape(
+    shape: tuple[int, ...], spec: PartitionSpec, mesh_shape: dict[str, int]
+) -> tuple[int, ...]:
+    """The per-device block of an array of `shape` laid out by `spec` on a mesh of `mesh_shape`."""
+    out = []
+    for i, size in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out.append(-(-size // math.prod(mesh_shape[a] for a in axes)))
+    return tuple(out)
+
+
+def bytes_per_device(abstract_tree: Any, specs: Any, mesh_shape: dict[str, int]) -> int:
+    """Bytes one device holds of `abstract_tree` (ShapeDtypeStructs) laid out by `specs`."""
+    leaves = jax.tree.leaves(abstract_tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if len(leaves) != len(spec_leaves):
+        raise ValueError(f"{len(leaves)} arrays but {len(spec_leaves)} specs")
+    return sum(
+        math.prod(shard_shape(leaf.shape, spec, mesh_shape)) * jnp.dtype(leaf.dtype).itemsize
+        for leaf, spec in zip(leaves, spec_leaves, strict=True)
+    )

@@ -1,0 +1,102 @@
+"""The train state and the train step laid out on a device mesh.
+
+Params follow the logical-axis rules, the optimizer state mirrors the params it tracks, the step
+counter and RNG are replicated, and batches are split over the data-parallel axes. The state is
+built directly in its sharded layout (fresh init under `jit` with `out_shardings`; imported weights
+copied slice by slice), so the full model never sits on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from m3_jax import sharding
+from m3_jax.config import ModelConfig
+from m3_jax.model import M3Model
+from m3_jax.model_dir import Params, abstract_params
+from m3_jax.training.state import TrainState, abstract_state, init_state
+from m3_jax.training.step import StepConfig, train_step
+
+
+def state_shardings(
+    config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules
+) -> TrainState:
+    """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
+    params = sharding.param_shardings(config, mesh, rules)
+    abstract = abstract_state(abstract_params(config.replace(param_dtype="float32")), tx)
+    return TrainState(
+        step=sharding.replicated(mesh),
+        params=params,
+        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, params, mesh),
+        rng=sharding.replicated(mesh),
+    )
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying target shardings (what orbax restores onto)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def fresh_params(config: ModelConfig, seed: int, shardings: Any) -> Params:
+    """A random float32 init of `M3Model(config)`, each device computing only its slices."""
+
+    def init() -> Params:
+        model = M3Model(config.replace(param_dtype="float32"), rngs=nnx.Rngs(seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def initial_state(
+    params: Params, tx: optax.GradientTransformation, seed: int, shardings: TrainState
+) -> TrainState:
+    """The step-0 state from sharded params; optimizer moments are created in place."""
+    make = jax.jit(
+        functools.partial(init_state, tx=tx, seed=seed),
+        in_shardings=(shardings.params,),
+        out_shardings=shardings,
+    )
+    return make(params)
+
+
+def jit_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: StepConfig,
+    shardings: TrainState,
+    mesh: Mesh,
+) -> Any:
+    """`train_step` under `jit` with the state's shardings in and out (donated), batches split
+    over the data-parallel axes, and metrics replicated."""
+    return jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def batch_spec(
+    shape: tuple[int, int, int], group_size: int, with_teacher: bool
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of bucket `shape` = (queries, query length, passage length)."""
+    batch, q_len, p_len = shape
+    spec = {
+        "query_ids": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
+        "query_mask": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
+        "passage_ids": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
+        "passage_mask": jax.ShapeDtypeStruct((batch * group_size, p_len), jnp.int32),
+    }
+    if with_teacher:
+        spec["teacher_scores"] = jax.ShapeDtypeStruct((batch, group_size), jnp.float32)
+    return spec
