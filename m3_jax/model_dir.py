@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from m3_jax.config import ModelConfig
 from m3_jax.model import M3Model
@@ -76,13 +77,18 @@ def save_model_dir(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    out.mkdir(parents=True, exist_ok=True)
     check_params(params, config, str(out))
+    # Multi-process: every process checks the directory before any of them writes, then all
+    # join orbax's collective save; process 0 writes the small files.
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_model_dir {out}")
+    out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((out / PARAMS_DIR).absolute(), params)
-    config.save_json(out / CONFIG_FILE)
-    if tokenizer_source is not None:
-        copy_tokenizer_files(tokenizer_source, out)
+    if jax.process_index() == 0:
+        config.save_json(out / CONFIG_FILE)
+        if tokenizer_source is not None:
+            copy_tokenizer_files(tokenizer_source, out)
     return out
 
 

@@ -331,7 +331,7 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     # Export params for M3Embedder.from_pretrained.
     params = gather(state.params)
     export = workdir / EXPORT_DIR
-    if not export.exists() and lead:
+    if not export.exists():
         save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
     summary.update(final_step=step, export=str(export))
     if eval_fn is not None:
