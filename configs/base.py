@@ -24,8 +24,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     )  # ModelConfig field overrides for a fresh init (hidden_size=...)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     c.model.param_dtype = "float32"  # parameter storage dtype
-    c.model.attention_impl = "xla"  # xla, chunked (long inputs on CPU) or cudnn (GPU)
+    c.model.attention_impl = "xla"  # xla, chunked (long inputs on CPU), cudnn (GPU), splash (TPU)
     c.model.attention_chunk_size = 512  # query block of the chunked attention
+    c.model.attention_probs_dropout_prob = -1.0  # -1 = the model's; cudnn/splash train with 0
     c.model.remat = False  # recompute each layer in the backward pass (less memory, +1 forward)
 
     c.data = ConfigDict()

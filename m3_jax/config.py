@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-AttentionImpl = Literal["xla", "chunked", "cudnn"]
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "chunked", "cudnn")
+AttentionImpl = Literal["xla", "chunked", "cudnn", "splash"]
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "chunked", "cudnn", "splash")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 

@@ -97,7 +97,7 @@ class M3Embedder:
         """Loads an m3_jax model directory, a BGE-M3 PyTorch directory, or a hub id (`BAAI/bge-m3`).
 
         dtype: compute dtype ("float32" default; "bfloat16" on accelerators); params stay float32.
-        attention_impl: "xla", "chunked" or "cudnn" (see ModelConfig).
+        attention_impl: "xla", "chunked", "cudnn" (GPU) or "splash" (TPU); see ModelConfig.
         fresh_heads: for PyTorch checkpoints without colbert/sparse head files, start them at random.
         Other keyword arguments go to `M3Embedder.__init__` (batch_size, max lengths, buckets).
         """

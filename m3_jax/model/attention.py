@@ -1,4 +1,4 @@
-"""Scaled dot-product attention behind one switch: "xla", "chunked" and "cudnn".
+"""Scaled dot-product attention behind one switch: "xla", "chunked", "cudnn" and "splash".
 
 All take q, k, v as [batch, length, heads, head_dim] and a key padding mask [batch, length]
 (True = real token) and return [batch, length, heads, head_dim]. Scores and softmax run in float32.
@@ -6,10 +6,16 @@ All take q, k, v as [batch, length, heads, head_dim] and a key padding mask [bat
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from m3_jax.model.layers import dropout
+
+log = logging.getLogger(__name__)
 
 
 def _masked_softmax_attention(
@@ -58,37 +64,111 @@ def chunked_attention(q, k, v, key_mask, *, chunk_size, dropout_rate=0.0, dropou
 
 
 def cudnn_attention(q, k, v, key_mask, *, dropout_rate=0.0, dropout_rng=None):
-    """cuDNN fused (flash) attention through `jax.nn.dot_product_attention`; GPU, fp16/bf16 only."""
-    if dropout_rng is not None and dropout_rate > 0.0:
-        raise ValueError(
-            "attention_impl='cudnn' does not support attention dropout; "
-            "set attention_probs_dropout_prob=0 or use attention_impl='xla'"
-        )
-    if jax.default_backend() != "gpu":
-        raise ValueError(
-            f"attention_impl='cudnn' needs a GPU backend, but JAX runs on "
-            f"{jax.default_backend()!r}; use attention_impl='xla' or 'chunked'"
-        )
-    mask = key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    """cuDNN fused (flash) attention through `jax.nn.dot_product_attention`; GPU, fp16/bf16.
+
+    Padding is on the right, so the key mask is passed as per-row key lengths, which cuDNN
+    applies inside the kernel (no [batch, 1, L, L] mask in memory)."""
+    del dropout_rate, dropout_rng  # unsupported_reason() routes dropout elsewhere
+    lengths = jnp.maximum(key_mask.sum(-1, dtype=jnp.int32), 1)  # all-padding rows stay finite
+    return jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
+
+
+SPLASH_BLOCK = 128  # splash kernels tile queries and keys in blocks of this many tokens
+
+
+def splash_attention(q, k, v, key_mask, *, dropout_rate=0.0, dropout_rng=None, interpret=False):
+    """Pallas splash (flash) attention for TPU; `interpret=True` runs the kernel on any backend.
+
+    Real tokens are segment 1 and padding segment 0, so a real query sees exactly the real keys.
+    Under a mesh (`jax.set_mesh`) each device runs the kernel on its batch rows and heads.
+    """
+    del dropout_rate, dropout_rng  # unsupported_reason() routes dropout elsewhere
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    from m3_jax.sharding import BATCH_AXES
+
+    batch, length, heads, head_dim = q.shape
+    block = min(SPLASH_BLOCK, length)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and set(BATCH_AXES) | {"tensor"} <= set(mesh.axis_names)
+    local_heads = heads // mesh.shape["tensor"] if sharded else heads
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((length, length))] * local_heads),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
+
+    def run(q, k, v, segments):
+        def one(q, k, v, s):  # [heads, length, head_dim] for one text
+            return kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))
+
+        heads_first = (x.swapaxes(1, 2) for x in (q * head_dim**-0.5, k, v))
+        return jax.vmap(one)(*heads_first, segments).swapaxes(1, 2)
+
+    segments = key_mask.astype(jnp.int32)
+    if not sharded:
+        return run(q, k, v, segments)
+    qkv_spec = P(BATCH_AXES, None, "tensor", None)
+    return jax.shard_map(
+        run,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(BATCH_AXES, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segments)
+
+
+def unsupported_reason(impl: str, q: jax.Array, dropout_active: bool) -> str | None:
+    """Why the fused kernel `impl` cannot run these inputs here, or None when it can."""
+    backend = jax.default_backend()
+    if impl == "cudnn":
+        if backend != "gpu":
+            return f"cuDNN attention needs a GPU, but JAX runs on {backend!r}"
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"cuDNN attention needs bfloat16/float16 inputs, got {q.dtype}"
+    if impl == "splash":
+        if backend != "tpu":
+            return f"splash attention needs a TPU, but JAX runs on {backend!r}"
+        if q.shape[1] % SPLASH_BLOCK:
+            return f"splash attention needs lengths divisible by {SPLASH_BLOCK}, got {q.shape[1]}"
+    if dropout_active:
+        return f"{impl} attention has no attention-probability dropout"
+    return None
+
+
+@functools.cache
+def _warn_fallback(impl: str, reason: str) -> None:
+    log.warning("attention_impl=%r falls back to 'chunked' here: %s", impl, reason)
 
 
 def attention(q, k, v, key_mask, *, impl, chunk_size, dropout_rate=0.0, dropout_rng=None):
-    """Dispatches on `impl` (ModelConfig.attention_impl)."""
+    """Dispatches on `impl` (ModelConfig.attention_impl). A fused kernel that cannot run the
+    inputs here (wrong backend or dtype, dropout, length) falls back to "chunked" with a warning
+    that says why; "chunked" equals "xla" up to its block size and bounds memory beyond it."""
+    if impl not in ("xla", "chunked", "cudnn", "splash"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if impl in ("cudnn", "splash"):
+        reason = unsupported_reason(impl, q, dropout_rng is not None and dropout_rate > 0.0)
+        if reason is None:
+            fused = cudnn_attention if impl == "cudnn" else splash_attention
+            return fused(q, k, v, key_mask, **dropout)
+        _warn_fallback(impl, reason)
+        impl = "chunked"
     if impl == "xla":
-        return xla_attention(q, k, v, key_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    if impl == "chunked":
-        return chunked_attention(
-            q,
-            k,
-            v,
-            key_mask,
-            chunk_size=chunk_size,
-            dropout_rate=dropout_rate,
-            dropout_rng=dropout_rng,
-        )
-    if impl == "cudnn":
-        return cudnn_attention(
-            q, k, v, key_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
-        )
-    raise ValueError(f"unknown attention impl {impl!r}")
+        return xla_attention(q, k, v, key_mask, **dropout)
+    return chunked_attention(q, k, v, key_mask, chunk_size=chunk_size, **dropout)

@@ -71,6 +71,8 @@ def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params | None, Pat
         attention_chunk_size=m.attention_chunk_size,
         remat=m.remat,
     )
+    if m.attention_probs_dropout_prob >= 0:
+        overrides["attention_probs_dropout_prob"] = m.attention_probs_dropout_prob
     if m.init_from:
         if is_model_dir(m.init_from):
             config, params = load_model_dir(m.init_from, **overrides)
