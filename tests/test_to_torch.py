@@ -9,10 +9,9 @@ dense vectors.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -299,11 +298,14 @@ def test_run_without_export_needs_config_and_tokenizer(root, run_dir):
     assert src.step == TRAIN_STEPS
 
 
-def test_cli(root, run_dir):
+def test_cli(root, run_dir, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "to_pytorch", ROOT / "tools/convert_to_pytorch.py"
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     out = root / "cli"
-    cmd = [sys.executable, str(ROOT / "tools/convert_to_pytorch.py"), str(run_dir), str(out)]
-    done = subprocess.run([*cmd, "--step", "2", "--fp16-heads", "--quiet"], capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()
+    assert cli.main([str(run_dir), str(out), "--step", "2", "--fp16-heads", "--quiet"]) == 0
     assert torch.load(out / "sparse_linear.pt", weights_only=True)["bias"].dtype == torch.float16
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 1 and "not empty" in again.stderr
+    assert cli.main([str(run_dir), str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def _field(row: dict, name: str, where: str, kind=str, optional: bool = False):
             return None
         raise DatasetError(f"{where}: missing field '{name}' (has {sorted(row)})")
     value = row[name]
-    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+    if name.endswith("id") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # numeric ids are common in BEIR files
     if not isinstance(value, kind):
         raise DatasetError(
