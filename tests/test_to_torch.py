@@ -309,3 +309,50 @@ def test_cli(root, run_dir, capsys):
     assert torch.load(out / "sparse_linear.pt", weights_only=True)["bias"].dtype == torch.float16
     assert cli.main([str(run_dir), str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_sharded_checkpoint_converts_without_a_device_gather(root, torch_dir, model_dir):
+    """A train state whose params are split over 8 devices restores straight to host arrays."""
+    import optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from m3_jax import checkpoint
+    from m3_jax.convert.sources import write_run_info
+    from m3_jax.training.state import init_state
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 CPU devices conftest asks for")
+    config, params = load_model_dir(model_dir)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+
+    def shard(x):
+        spec = PartitionSpec("fsdp") if x.shape and x.shape[0] % 8 == 0 else PartitionSpec()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    state = init_state(jax.tree.map(shard, params), optax.adam(1e-3), seed=0)
+    assert (
+        len(
+            state.params["encoder"]["embeddings"]["word_embeddings"][
+                "embedding"
+            ].sharding.device_set
+        )
+        == 8
+    )
+    run = root / "sharded_run"
+    manager = checkpoint.make_manager(run / "checkpoints", keep=1, async_save=False)
+    checkpoint.save(manager, 5, state, {"epoch": 0, "step": 5})
+    manager.wait_until_finished()
+    manager.close()
+    write_run_info(run, config, str(model_dir))
+    src = load_params_source(run)
+    assert src.step == 5 and src.config == config.replace(param_dtype="float32")
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(src.params), strict=True
+    ):
+        assert type(b) is np.ndarray, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+    out = convert_to_pytorch(run, root / "from_sharded", progress=False)
+    assert read_torch_state(out).keys() == read_torch_state(torch_dir).keys() - {
+        "pooler.dense.weight",
+        "pooler.dense.bias",
+    }
