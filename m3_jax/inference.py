@@ -136,6 +136,14 @@ class M3Embedder:
             "colbert": scores.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask),
         }
 
+    def load_params(self, params: Any) -> None:
+        """Swaps in other weights for the same config (e.g. each evaluation during training);
+        the compiled programs are reused as long as shapes, dtypes and shardings stay the same."""
+        graphdef, state = nnx.split(model_from_params(self.config, params))
+        if graphdef != self._graphdef:
+            raise ValueError("load_params: the params build a different model graph")
+        self._state = state
+
     def compiled_program_count(self) -> int:
         """How many XLA programs encode/compute_score have compiled so far (one per bucket shape)."""
         return self._forward._cache_size() + self._pair_scores._cache_size()

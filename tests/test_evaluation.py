@@ -221,6 +221,27 @@ def test_evaluate_retrieval_runs_agree_with_pytrec_eval(tiny_model_dir, dataset_
     }
 
 
+def test_repeated_evaluation_swaps_weights_without_recompiling(tiny_model_dir, dataset):
+    from m3_jax.evaluation import evaluate as evaluate_module
+
+    config, params = load_model_dir(tiny_model_dir)
+    small = dataset.subset(3)
+    kwargs = dict(modes=("dense", "sparse"), k=10, settings=SETTINGS)
+    evaluate_retrieval(config, params, tiny_model_dir, small, **kwargs)
+    (embedder,) = evaluate_module._EMBEDDER_CACHE.values()
+    programs = embedder.compiled_program_count()
+    moved = jax.tree.map(lambda x: np.asarray(x) * 0.9, params)  # other weights, same model
+    again = evaluate_retrieval(config, moved, tiny_model_dir, small, **kwargs)
+    assert evaluate_module._EMBEDDER_CACHE[next(iter(evaluate_module._EMBEDDER_CACHE))] is embedder
+    assert embedder.compiled_program_count() == programs
+    fresh = M3Embedder.from_pretrained(tiny_model_dir, batch_size=64, show_progress=False)
+    fresh.load_params(moved)
+    expected = evaluate_embedder(
+        fresh, small, modes=("dense", "sparse"), ks=[10], settings=SETTINGS, progress=False
+    ).flat()
+    assert again == pytest.approx(expected, abs=1e-9)
+
+
 def test_only_the_outputs_a_mode_needs(embedder, dataset):
     result = evaluate_embedder(embedder, dataset, modes=["sparse"], ks=[10], progress=False)
     assert list(result.metrics) == ["sparse"] and 0 <= result.metrics["sparse"]["ndcg@10"] <= 1

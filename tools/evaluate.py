@@ -5,7 +5,8 @@
 
 --model is an m3_jax model directory or a BGE-M3 PyTorch directory. Prints a table like the paper's
 (metrics as rows, modes as columns) and writes OUT/metrics.json and one TREC run file per mode
-(OUT/runs/<mode>.trec). With --cache, corpus embeddings are kept in resumable shards.
+(OUT/runs/<mode>.trec; OUT defaults to eval_results/<data dir name>). With --cache, corpus
+embeddings are kept in resumable shards.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="compute dtype (default float32)")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate the first N")
     parser.add_argument("--cache", default=None, help="directory for resumable corpus shards")
-    parser.add_argument("--out", default=None, help="directory for metrics.json and runs/")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="directory for metrics.json and runs/<mode>.trec (default eval_results/<data dir name>)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.out is None:
+        args.out = str(Path("eval_results") / Path(args.data).resolve().name)
 
     from m3_jax.evaluation.datasets import DatasetError, load_dataset
     from m3_jax.evaluation.evaluate import evaluate_embedder
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=settings,
             cache_dir=args.cache,
             model_fingerprint=str(Path(args.model).resolve()),
-            run_dir=None if args.out is None else Path(args.out) / "runs",
+            run_dir=Path(args.out) / "runs",
             progress=not args.quiet,
         )
     except (FileNotFoundError, ValueError, DatasetError, ImportError) as e:
@@ -109,21 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{seconds:.1f}s"
     )
     print(format_table(result.metrics))
-    if args.out is not None:
-        summary = {
-            "model": args.model,
-            "data": args.data,
-            "dataset": dataset.name,
-            "num_queries": len(dataset.query_ids),
-            "num_docs": len(dataset.doc_ids),
-            "settings": dataclasses.asdict(settings),
-            "metrics": result.metrics,
-            "seconds": round(seconds, 1),
-        }
-        path = Path(args.out) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {path} and {Path(args.out) / 'runs'}/<mode>.trec")
+    summary = {
+        "model": args.model,
+        "data": args.data,
+        "dataset": dataset.name,
+        "num_queries": len(dataset.query_ids),
+        "num_docs": len(dataset.doc_ids),
+        "settings": dataclasses.asdict(settings),
+        "metrics": result.metrics,
+        "seconds": round(seconds, 1),
+    }
+    path = Path(args.out) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {path} and {Path(args.out) / 'runs'}/<mode>.trec")
     return 0
 
 

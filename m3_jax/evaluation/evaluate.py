@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jax.sharding import Mesh
 
@@ -22,7 +22,9 @@ from m3_jax.evaluation.modes import MODES, RetrievalSettings, required_outputs, 
 from m3_jax.evaluation.trec import run_file_name, write_run
 from m3_jax.model_dir import Params
 
-log = logging.getLogger(__name__)
+# evaluate_retrieval reuses the last embedder (and its compiled programs) when a training loop
+# evaluates new params of the same model: only the weights are swapped.
+_EMBEDDER_CACHE: dict[tuple, Any] = {}
 
 
 @dataclasses.dataclass
@@ -112,7 +114,8 @@ def evaluate_retrieval(
     dataset: a RetrievalDataset, or a BEIR / MIRACL directory (`split` picks the qrels file).
     k: one cutoff or several; measures: any of ndcg, recall, mrr. The model runs in `dtype`
     (float32 by default, whatever the training compute dtype). params may be sharded jax arrays
-    or numpy; they are not copied to the host.
+    or numpy; they are not copied to the host. Repeated calls for the same model config reuse
+    the compiled encoder programs (one M3Embedder is cached; its weights are replaced).
     """
     from m3_jax.inference import M3Embedder
     from m3_jax.model_dir import model_from_params
@@ -121,14 +124,23 @@ def evaluate_retrieval(
     if not isinstance(dataset, RetrievalDataset):
         dataset = load_dataset(dataset, split)
     ks = [k] if isinstance(k, int) else list(k)
-    embedder = M3Embedder(
-        model_from_params(model_config.replace(dtype=dtype), params),
-        load_tokenizer(tokenizer_dir),
-        batch_size=batch_size,
-        query_max_length=query_max_length,
-        passage_max_length=passage_max_length,
-        show_progress=progress,
-    )
+    config = model_config.replace(dtype=dtype)
+    key = (config, str(tokenizer_dir), batch_size, query_max_length, passage_max_length)
+    embedder = _EMBEDDER_CACHE.get(key)
+    if embedder is None:
+        _EMBEDDER_CACHE.clear()  # keep one model's programs and weights, not every one seen
+        embedder = M3Embedder(
+            model_from_params(config, params),
+            load_tokenizer(tokenizer_dir),
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            show_progress=progress,
+        )
+        _EMBEDDER_CACHE[key] = embedder
+    else:
+        embedder.load_params(params)
+    embedder.show_progress = progress
     result = evaluate_embedder(
         embedder,
         dataset,
