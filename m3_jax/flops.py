@@ -32,12 +32,12 @@ def train_flops(
     )
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul on the default device: the practical peak for MFU."""
+def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a large matmul in `dtype` on the default device: the practical peak for MFU."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
+    a = jnp.ones((size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = float("inf")

@@ -203,16 +203,17 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
 
 
 def opt_state_shardings(
-    tx: optax.GradientTransformation, abstract_opt_state: Any, params_sharding: Any, mesh: Mesh
+    tx: optax.GradientTransformation, abstract_opt_state: Any, params_layout: Any, other: Any
 ) -> Any:
-    """Optimizer state laid out like the params it mirrors (Adam moments); the rest replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    """The optimizer state's layout: each params-shaped part (Adam moments) laid out like the
+    params (`params_layout`), every other leaf (step counts) given `other`."""
     return optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        lambda _, layout: layout,
         abstract_opt_state,
-        params_sharding,
-        transform_non_params=lambda _: replicated,
+        params_layout,
+        transform_non_params=lambda _: other,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
 

@@ -34,7 +34,9 @@ def state_shardings(
     return TrainState(
         step=sharding.replicated(mesh),
         params=params,
-        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, params, mesh),
+        opt_state=sharding.opt_state_shardings(
+            tx, abstract.opt_state, params, sharding.replicated(mesh)
+        ),
         rng=sharding.replicated(mesh),
     )
 
