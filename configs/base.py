@@ -88,7 +88,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train = ConfigDict()
     c.train.num_steps = 0  # optimizer steps; 0 = num_epochs over the data
     c.train.num_epochs = 1  # used when num_steps is 0
-    c.train.sub_batch_size = None  # split-batch: rows per encoder call under jax.checkpoint
+    c.train.sub_batch_size = None  # split-batch: rows per device per encoder call (jax.checkpoint)
     c.train.dropout = True  # XLM-R dropout in training
     c.train.log_every = 10  # steps between metric lines
     c.train.save_every = 500  # steps between checkpoints

@@ -182,7 +182,8 @@ def test_loss_and_gradients_equal_single_device(shape, params, batch, single_dev
 
 
 def test_split_batch_on_a_mesh_equals_single_device(params, batch, single_device):
-    step = StepConfig(LOSS, sub_batch_size=4, dropout=False)
+    # Data-parallel size 4: 2 queries and 4 passages per device, encoded 1 and 2 at a time.
+    step = StepConfig(LOSS, sub_batch_size=2, dropout=False, data_shards=4)
     (loss, _), grads = value_and_grad(params, batch, step, sharding.make_mesh(2, 2, 2))
     np.testing.assert_allclose(loss, single_device[0][0], rtol=1e-5)
     assert_trees_close(grads, single_device[1])

@@ -30,7 +30,7 @@ from m3_jax.training.optim import (
     trainable_labels,
 )
 from m3_jax.training.state import init_state
-from m3_jax.training.step import StepConfig, encode, loss_fn, train_step
+from m3_jax.training.step import StepConfig, encode, loss_fn, sub_batch_count, train_step
 
 VOCAB = 200
 B, G, LQ, LP = 4, 2, 8, 12
@@ -144,10 +144,24 @@ def test_split_batch_uses_checkpointed_sub_batches():
         )(params)
         return set(re.findall(r"\b(scan|remat2|checkpoint)\[", str(jaxpr)))
 
-    assert primitives(None) == set()
+    assert primitives(None) == set() and primitives(B) == set()
     assert "scan" in primitives(2) and primitives(2) & {"remat2", "checkpoint"}
-    with pytest.raises(ValueError, match="sub_batch_size=3"):
-        encode(graphdef, params, batch["query_ids"], batch["query_mask"], None, 3)
+
+
+@pytest.mark.parametrize(
+    "rows, sub_batch_size, shards, calls",
+    [(4, 2, 1, 2), (4, 3, 1, 2), (20, 8, 1, 4), (48, 8, 1, 6), (40, 8, 2, 4), (7, 3, 1, 7)],
+)
+def test_sub_batch_count(rows, sub_batch_size, shards, calls):
+    assert sub_batch_count(rows, sub_batch_size, shards) == calls
+    assert (rows // shards) % calls == 0 and rows // shards // calls <= sub_batch_size
+
+
+def test_sub_batch_count_errors():
+    with pytest.raises(ValueError, match="must be positive"):
+        sub_batch_count(4, 0)
+    with pytest.raises(ValueError, match="5 rows do not split into 2 data shards"):
+        sub_batch_count(5, 2, 2)
 
 
 # The jitted train step -------------------------------------------------------------------------

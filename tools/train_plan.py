@@ -66,8 +66,9 @@ def random_batch(rng, queries, group, q_len, p_len, vocab) -> dict[str, np.ndarr
 
 def step_rows(args, config, tx, schedule) -> dict:
     mesh = sharding.make_mesh(1, -1, 1)
-    loss = LossConfig(group_size=args.group_size, num_shards=sharding.data_parallel_size(mesh))
-    step_config = StepConfig(loss, sub_batch_size=args.sub_batch_size, dropout=False)
+    shards = sharding.data_parallel_size(mesh)
+    loss = LossConfig(group_size=args.group_size, num_shards=shards)
+    step_config = StepConfig(loss, args.sub_batch_size, dropout=False, data_shards=shards)
     layout = sharded.state_shardings(config, tx, mesh, sharding.FSDP_RULES)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0))))
     step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--query-length", type=int, default=64)
     parser.add_argument("--passage-length", type=int, default=256)
-    parser.add_argument("--sub-batch-size", type=int, default=None)
+    parser.add_argument("--sub-batch-size", type=int, default=None, help="rows per device per call")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     config = GEOMETRIES[args.geometry](

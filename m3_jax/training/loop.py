@@ -234,7 +234,12 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(model_config, rngs=nnx.Rngs(0))))
     loss_values = dict(cfg.loss, num_shards=data_parallel_if_negative(cfg.loss.num_shards, mesh))
     loss_config = LossConfig(group_size=cfg.data.group_size, **loss_values)
-    step_config = StepConfig(loss_config, cfg.train.sub_batch_size, cfg.train.dropout)
+    step_config = StepConfig(
+        loss_config,
+        cfg.train.sub_batch_size,
+        cfg.train.dropout,
+        data_shards=sharding.data_parallel_size(mesh),
+    )
     layout = sharded.state_shardings(model_config, tx, mesh, tuple(cfg.mesh.rules))
     step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
     if host_params is None:

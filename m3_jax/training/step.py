@@ -28,8 +28,24 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     loss: LossConfig
-    sub_batch_size: int | None = None  # rows per encoder call; None encodes the batch at once
+    sub_batch_size: int | None = None  # rows per encoder call and data shard; None = all at once
     dropout: bool = True  # XLM-R dropout during training
+    data_shards: int = 1  # blocks the batch rows are split into over devices (data-parallel size)
+
+
+def sub_batch_count(rows: int, sub_batch_size: int, shards: int = 1) -> int:
+    """How many encoder calls encode `rows` (split into `shards` equal blocks) with at most
+    `sub_batch_size` rows of each block per call, every block split evenly: the fewest calls
+    whose count divides the block size."""
+    if sub_batch_size < 1:
+        raise ValueError(f"sub_batch_size must be positive, got {sub_batch_size}")
+    if rows % shards:
+        raise ValueError(f"{rows} rows do not split into {shards} data shards")
+    per_shard = rows // shards
+    calls = -(-per_shard // sub_batch_size)
+    while per_shard % calls:
+        calls += 1
+    return calls
 
 
 def encode(
@@ -39,33 +55,35 @@ def encode(
     mask: jax.Array,
     dropout_rng: jax.Array | None,
     sub_batch_size: int | None,
+    data_shards: int = 1,
 ) -> M3Output:
-    """M3Model outputs for [N, L] inputs, in sub-batches of `sub_batch_size` rows if set."""
+    """M3Model outputs for [N, L] inputs; with `sub_batch_size`, in sequential sub-batches of at
+    most that many rows from each of the `data_shards` row blocks (see `sub_batch_count`)."""
 
     def run(ids, mask, rng):
         return nnx.merge(graphdef, params)(ids, mask, dropout_rng=rng)
 
     rows = ids.shape[0]
-    if sub_batch_size is None or sub_batch_size >= rows:
+    if sub_batch_size is None:
         return run(ids, mask, dropout_rng)
-    if rows % sub_batch_size:
-        raise ValueError(f"sub_batch_size={sub_batch_size} does not divide the {rows} rows")
-    chunks = rows // sub_batch_size
+    calls = sub_batch_count(rows, sub_batch_size, data_shards)
+    if calls == 1:
+        return run(ids, mask, dropout_rng)
 
     def one(args):
         index, chunk_ids, chunk_mask = args
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
         return jax.checkpoint(run)(chunk_ids, chunk_mask, rng)
 
-    # Chunk c holds rows c, c + chunks, c + 2·chunks, ...: with rows split in blocks over the
-    # data-parallel devices, every device then works on its share of every chunk.
+    # Call c takes rows c, c + calls, c + 2·calls, ...: as `calls` divides each data shard's
+    # block of rows, every device works on its own share of every call.
     def split(x):
-        return constrain_batch(x.reshape(sub_batch_size, chunks, *x.shape[1:]).swapaxes(0, 1), 1)
+        return constrain_batch(x.reshape(rows // calls, calls, *x.shape[1:]).swapaxes(0, 1), 1)
 
     def join(x):
         return x.swapaxes(0, 1).reshape(rows, *x.shape[2:])
 
-    out = jax.lax.map(one, (jnp.arange(chunks), split(ids), split(mask)))
+    out = jax.lax.map(one, (jnp.arange(calls), split(ids), split(mask)))
     return jax.tree.map(join, out)
 
 
@@ -80,12 +98,9 @@ def loss_fn(
     q_rng = p_rng = None
     if rng is not None:
         q_rng, p_rng = jax.random.split(rng)
-    q = encode(
-        graphdef, params, batch["query_ids"], batch["query_mask"], q_rng, config.sub_batch_size
-    )
-    p = encode(
-        graphdef, params, batch["passage_ids"], batch["passage_mask"], p_rng, config.sub_batch_size
-    )
+    sub, shards = config.sub_batch_size, config.data_shards
+    q = encode(graphdef, params, batch["query_ids"], batch["query_mask"], q_rng, sub, shards)
+    p = encode(graphdef, params, batch["passage_ids"], batch["passage_mask"], p_rng, sub, shards)
     return m3_loss(
         q,
         p,
