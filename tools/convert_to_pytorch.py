@@ -8,7 +8,7 @@ sentence-transformers layout).
 
 CKPT is an m3_jax model directory, a training run directory (`checkpoints/` inside), its
 `checkpoints/` or one `checkpoints/STEP`. A run's model config and tokenizer are read from the run
-(`m3_jax_config.json` + `tokenizer/`, or `export/`); --config / --tokenizer name them otherwise.
+(`model_info/` or `export/`); --config / --tokenizer name them otherwise.
 """
 
 from __future__ import annotations

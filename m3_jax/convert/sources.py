@@ -9,8 +9,8 @@ A training checkpoint holds the whole train state (params, optimizer moments, st
 the params are read, straight from the files into host numpy arrays (orbax partial restore with
 `restore_type=np.ndarray`). A checkpoint written from a sharded run is therefore assembled once,
 on the host, and never placed on a device. The model config and tokenizer of a run come from
-`RUN/m3_jax_config.json` and `RUN/tokenizer/` (written by `write_run_info`), else from `RUN/export/`,
-else from explicit arguments.
+`RUN/model_info/` (`m3_jax_config.json` and the tokenizer files, written by `write_run_info`), else
+from `RUN/export/`, else from explicit arguments.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from m3_jax.model_dir import (
 CHECKPOINT_DIR = "checkpoints"  # training.loop.CHECKPOINT_DIR (not imported: no training deps)
 EXPORT_DIR = "export"
 STATE_ITEM = "state"  # checkpoint.STATE
-TOKENIZER_DIR = "tokenizer"
+RUN_INFO_DIR = "model_info"  # model config + tokenizer files of a run, no params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +49,12 @@ class ParamsSource:
 
 
 def write_run_info(workdir: str | os.PathLike, config: ModelConfig, tokenizer_dir: str) -> None:
-    """Writes `m3_jax_config.json` and `tokenizer/` into a training workdir, so that any of its
-    checkpoints converts without the training config (call once when the run starts)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config.replace(param_dtype="float32").save_json(workdir / CONFIG_FILE)
-    (workdir / TOKENIZER_DIR).mkdir(exist_ok=True)
-    copy_tokenizer_files(tokenizer_dir, workdir / TOKENIZER_DIR)
+    """Writes `WORKDIR/model_info/` (`m3_jax_config.json` + tokenizer files), so that any checkpoint
+    of the run converts without the training config (call once when the run starts)."""
+    info = Path(workdir) / RUN_INFO_DIR
+    info.mkdir(parents=True, exist_ok=True)
+    config.replace(param_dtype="float32").save_json(info / CONFIG_FILE)
+    copy_tokenizer_files(tokenizer_dir, info)
 
 
 def checkpoint_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
@@ -158,22 +157,23 @@ def _read_config(path: Path) -> ModelConfig:
 
 
 def _run_file(run: Path, name: str) -> Path:
-    for candidate in (run / name, run / EXPORT_DIR / name):
+    for candidate in (run / RUN_INFO_DIR / name, run / EXPORT_DIR / name):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{run}: the run's model config is in neither {run / name} nor {run / EXPORT_DIR / name}; "
+        f"{run}: the run's model config is in neither {run / RUN_INFO_DIR / name} nor "
+        f"{run / EXPORT_DIR / name}; "
         "pass it explicitly (--config FILE, a m3_jax_config.json)"
     )
 
 
 def _run_tokenizer(run: Path) -> Path:
-    for candidate in (run / TOKENIZER_DIR, run / EXPORT_DIR):
+    for candidate in (run / RUN_INFO_DIR, run / EXPORT_DIR):
         if (candidate / "tokenizer_config.json").is_file() or (
             candidate / "sentencepiece.bpe.model"
         ).is_file():
             return candidate
     raise FileNotFoundError(
-        f"{run}: no tokenizer files in {run / TOKENIZER_DIR} or {run / EXPORT_DIR}; "
+        f"{run}: no tokenizer files in {run / RUN_INFO_DIR} or {run / EXPORT_DIR}; "
         "pass the tokenizer directory explicitly (--tokenizer DIR)"
     )
