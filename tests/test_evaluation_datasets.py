@@ -91,6 +91,15 @@ def test_beir_errors_name_file_line_and_field(beir, file, line, message):
         load_beir(beir)
 
 
+def test_default_split_is_test_or_the_only_one(beir):
+    (beir / "qrels" / "test.tsv").rename(beir / "qrels" / "dev.tsv")
+    assert load_dataset(beir).name.endswith("/dev")
+    (beir / "qrels" / "train.tsv").write_text("q1\td1\t1\n")
+    with pytest.raises(FileNotFoundError, match="no qrels for split 'test'"):
+        load_dataset(beir)
+    assert load_dataset(beir, "train").qrels == {"q1": {"d1": 1}}
+
+
 def test_missing_files(beir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no qrels for split 'dev' \\(have \\['test'\\]\\)"):
         load_beir(beir, "dev")

@@ -160,8 +160,12 @@ def _assemble(
     )
 
 
-def load_beir(path: str | Path, split: str = "test") -> RetrievalDataset:
+def load_beir(path: str | Path, split: str | None = None) -> RetrievalDataset:
+    """split: the qrels file `qrels/{split}.tsv`; None picks `test`, else the only qrels file."""
     root = Path(path)
+    if split is None:
+        found = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        split = "test" if "test" in found or len(found) != 1 else found[0]
     qrels_file = root / "qrels" / f"{split}.tsv"
     if not qrels_file.is_file():
         have = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
@@ -229,10 +233,12 @@ def load_heldout(heldout_file: str | Path, corpus_file: str | Path) -> Retrieval
 
 
 def load_dataset(path: str | Path, split: str | None = None) -> RetrievalDataset:
-    """BEIR when `corpus.jsonl` and `queries.jsonl` are there, MIRACL when `topics/` is."""
+    """BEIR when `corpus.jsonl` and `queries.jsonl` are there, MIRACL when `topics/` is.
+
+    split None: BEIR `test` (or its only qrels file), MIRACL `dev`."""
     root = Path(path)
     if (root / "corpus.jsonl").is_file() and (root / "queries.jsonl").is_file():
-        return load_beir(root, split or "test")
+        return load_beir(root, split)
     if (root / "topics").is_dir():
         return load_miracl(root, split or "dev")
     raise FileNotFoundError(
