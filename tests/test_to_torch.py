@@ -356,3 +356,26 @@ def test_sharded_checkpoint_converts_without_a_device_gather(root, torch_dir, mo
         "pooler.dense.weight",
         "pooler.dense.bias",
     }
+
+
+def test_release_geometry_config_files():
+    """For the bge-m3 geometry: the config.json and sentence-transformers values of the release."""
+    from m3_jax.config import bge_m3
+    from m3_jax.convert.to_torch import hf_config, sentence_transformers_files
+
+    hf = hf_config(bge_m3(), "float32")
+    assert (hf["max_position_embeddings"], hf["vocab_size"], hf["hidden_size"]) == (
+        8194,
+        250002,
+        1024,
+    )
+    assert (hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"]) == (
+        24,
+        16,
+        4096,
+    )
+    assert (hf["type_vocab_size"], hf["layer_norm_eps"], hf["pad_token_id"]) == (1, 1e-5, 1)
+    assert hf["torch_dtype"] == hf["dtype"] == "float32"
+    st = sentence_transformers_files(bge_m3())
+    assert st["sentence_bert_config.json"]["max_seq_length"] == 8192
+    assert st["1_Pooling/config.json"]["word_embedding_dimension"] == 1024
