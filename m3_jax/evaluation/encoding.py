@@ -172,8 +172,9 @@ def _assemble(parts, order: np.ndarray, outputs, vocab_size: int) -> EncodedText
         sorted_vecs = np.concatenate([p["colbert_vecs"] for p in parts])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         offsets = np.concatenate([[0], np.cumsum(lengths[inverse])]).astype(np.int64)
-        rows = np.concatenate(
-            [np.arange(starts[j], starts[j + 1]) for j in inverse] or [np.zeros(0, np.int64)]
-        )
+        # Row r of text i (input order) sits at starts[inverse[i]] + r in the sorted arrays.
+        new_lengths = lengths[inverse]
+        rows = np.repeat(starts[:-1][inverse], new_lengths)
+        rows += np.arange(offsets[-1]) - np.repeat(offsets[:-1], new_lengths)
         vecs = sorted_vecs[rows]
     return EncodedTexts(dense, csr, vecs, offsets)
