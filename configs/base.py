@@ -99,9 +99,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.progress = True  # progress bars and metric lines on stdout
 
     c.eval = ConfigDict()
-    c.eval.heldout_file = ""  # jsonl of held-out queries with relevant corpus ids
+    c.eval.dataset = ""  # BEIR / MIRACL directory for retrieval evaluation (m3_jax.evaluation)
+    c.eval.split = ""  # its qrels split ("" = test, else dev, else the only one)
+    c.eval.modes = "dense,sparse,colbert,dense+sparse,all"  # retrieval modes evaluated
+    c.eval.heldout_file = ""  # or: jsonl of held-out queries with relevant corpus ids (the demo)
     c.eval.corpus_file = ""  # jsonl corpus ({"id", "text"}) for the held-out queries
+    c.eval.loss_files = ""  # jsonl in the training format: mean dev loss parts
+    c.eval.every = 0  # steps between evaluations during training; 0 = only before and after
     c.eval.before_training = True  # also evaluate the initial model
-    c.eval.k = 10  # nDCG@k
+    c.eval.metric = "all/ndcg@10"  # the metric that picks the best params, kept in best/
+    c.eval.mode = "max"  # whether a larger (max) or smaller (min) metric is better
+    c.eval.k = 10  # cutoff of nDCG@k, Recall@k, MRR@k
     c.eval.batch_size = 64  # encode batch size
     return c

@@ -1,6 +1,7 @@
 """Two processes with `jax.distributed` on localhost (4 CPU devices each, CPU collectives over
 gloo), each reading its own slice of every global batch, train exactly like one process with 8
-devices: the same losses at every step and the same exported params."""
+devices: the same losses at every step and the same exported params. Their checkpoint then
+resumes in one process on 4 devices and continues like the 8-device run."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(workdir: Path, train_file: Path, cache: Path, *extra: str) -> list[str]:
+def command(
+    workdir: Path, train_file: Path, cache: Path, *extra: str, steps: int = NUM_STEPS
+) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "train/main.py"),
@@ -35,7 +38,11 @@ def command(workdir: Path, train_file: Path, cache: Path, *extra: str) -> list[s
         f"--config.workdir={workdir}",
         f"--config.data.train_files={train_file}",
         "--config.data.passage_max_len=128",  # one bucket: one compile per process
-        f"--config.train.num_steps={NUM_STEPS}",
+        f"--config.train.num_steps={steps}",
+        # Batch sizes and local loss groups fixed, not tied to the device count, so that the
+        # run can move between 8 and 4 devices.
+        "--config.data.batch_multiple=8",
+        "--config.loss.num_shards=8",
         "--config.train.log_every=1",
         "--config.train.save_every=2",
         "--config.train.progress=False",
@@ -115,3 +122,30 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, train
     for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params), strict=True):
         # Adam turns reduction-order rounding in near-zero gradients into steps of up to lr.
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_resume_on_fewer_devices_and_hosts_continues_the_run(tmp_path, train_file):
+    cache = tmp_path / "cache"
+    eight, moved = tmp_path / "eight", tmp_path / "moved"
+    run([command(eight, train_file, cache)], devices=8)
+    port = free_port()
+    distributed = [
+        "--config.distributed.initialize=True",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.num_processes=2",
+    ]
+    run(
+        [
+            command(moved, train_file, cache, *distributed, f"--config.distributed.process_id={i}")
+            for i in range(2)
+        ],
+        devices=4,
+    )
+    # Two more steps: the 8-device run in place, the 2-process run's checkpoint on 4 devices.
+    run([command(eight, train_file, cache, steps=NUM_STEPS + 2)], devices=8)
+    run([command(moved, train_file, cache, steps=NUM_STEPS + 2)], devices=4)
+    want, got = losses(eight), losses(moved)
+    assert len(want) == len(got) == NUM_STEPS + 2
+    for a, b in zip(got[NUM_STEPS:], want[NUM_STEPS:], strict=True):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)

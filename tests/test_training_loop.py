@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from configs import demo_cpu
+from m3_jax import sharding
 from m3_jax.data.records import DataError
 from m3_jax.model_dir import load_model_dir
-from m3_jax.training.loop import NonFiniteLossError, train
+from m3_jax.training.loop import NonFiniteLossError, check_same_plan, train
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 12
@@ -157,3 +158,60 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_fi
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["loss/loss"]) for m in metrics)
     assert steps and steps[-1] == len(metrics)
+
+
+def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_file, cache):
+    c = small_config(tmp_path / "run", train_file, cache)
+    c.train.num_steps, c.eval.every = 4, 2
+    c.eval.loss_files = str(train_file)
+    c.eval.metric = "score"
+    scores = iter([0.1, 0.9, 0.5])  # before training, step 2, the end (step 4)
+    seen = []
+
+    def eval_fn(config, params, tokenizer_dir):
+        seen.append(float(np.asarray(params["sparse_linear"]["bias"]).sum()))
+        assert Path(tokenizer_dir, "tokenizer.json").is_file()
+        return {"score": next(scores)}
+
+    summary = train(c, eval_fn)
+    assert summary["best"]["step"] == 2 and summary["best"]["score"] == 0.9
+    assert len(set(seen)) == 3, "each evaluation sees the params of its step"
+    info = json.loads((tmp_path / "run/best/best.json").read_text())
+    assert info["step"] == 2 and info["metrics"]["score"] == 0.9
+    best = load_model_dir(tmp_path / "run/best")[1]
+    assert float(np.asarray(best["sparse_linear"]["bias"]).sum()) == pytest.approx(seen[1])
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/score" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert 0 < evals[0]["eval/dev_loss/loss"] < 100
+    assert summary["eval_before"]["dev_loss/loss"] > summary["eval_after"]["dev_loss/loss"]
+    assert (tmp_path / "run/model_info/m3_jax_config.json").is_file()
+
+
+def test_resume_with_another_batch_plan_names_the_change(tmp_path, train_file, cache):
+    c = small_config(tmp_path / "run", train_file, cache)
+    c.train.num_steps = c.train.save_every = 2
+    train(c)
+    c.train.num_steps = 4
+    c.data.batch_multiple = 16  # other batch sizes: (epoch, step) would name other batches
+    with pytest.raises(ValueError, match="the checkpoint's batch plan .* differs"):
+        train(c)
+
+
+def test_plan_check_hints_at_batch_multiple_when_devices_change():
+    class FakeLoader:
+        steps_per_epoch = 3
+
+        def bucket_shapes(self):
+            return [(12, 32, 128)]
+
+    mesh = sharding.make_mesh(1, 4, 1, devices=jax.devices()[:4])
+    saved = {
+        "epoch": 0,
+        "step": 1,
+        "plan": {"bucket_shapes": [[16, 32, 128]], "data_parallel_size": 8},
+    }
+    with pytest.raises(ValueError, match="batch_multiple=8"):
+        check_same_plan(saved, FakeLoader(), mesh)
+    saved["plan"]["bucket_shapes"] = [[12, 32, 128]]
+    check_same_plan(saved, FakeLoader(), mesh)  # same batches: resuming on 4 devices is fine

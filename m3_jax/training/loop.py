@@ -11,14 +11,12 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from m3_jax import checkpoint, flops, sharding
 from m3_jax import config as model_presets
 from m3_jax.config import ModelConfig
+from m3_jax.convert.sources import write_run_info
 from m3_jax.data.buckets import BatchSizing
 from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader, to_global_batch
 from m3_jax.data.records import read_records
@@ -42,6 +41,13 @@ from m3_jax.model_dir import (
 )
 from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
 from m3_jax.training import sharded
+from m3_jax.training.monitor import (
+    METRICS_FILE,
+    BestParams,
+    MetricsWriter,
+    StopSignal,
+    summarize_window,
+)
 from m3_jax.training.optim import OptimConfig, make_optimizer
 from m3_jax.training.state import abstract_state
 from m3_jax.training.step import StepConfig
@@ -50,7 +56,9 @@ log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+
+EvalFn = Callable[[ModelConfig, Params, Path], dict[str, float]]  # (config, params, tokenizer)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -128,66 +136,14 @@ def loader_settings(cfg: ConfigDict, mesh: Mesh) -> LoaderSettings:
     )
 
 
-# Metrics -----------------------------------------------------------------------------------------
-
-
-class MetricsWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard (when tensorboardX is installed)."""
-
-    def __init__(self, workdir: Path):
-        self.jsonl = (workdir / METRICS_FILE).open("a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:
-            self.tensorboard = None
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-class StopSignal:
-    """Records SIGTERM/SIGINT so the loop can save a checkpoint before exiting."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {
-            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
-        }
-
-    def _handle(self, signum, _frame):
-        self.received = signum
-
-    def agreed(self) -> bool:
-        """Whether any process got a signal; every process gets the same answer, so all of them
-        join the same final checkpoint."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
-        self.received = self.received or int(np.max(flags)) or None
-        return self.received is not None
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 # The run -----------------------------------------------------------------------------------------
 
 
-def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None = None) -> dict:
+def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
     """Trains per `cfg` (configs/base.py documents every field); returns a summary dict.
 
+    eval_fn(model_config, params, tokenizer_dir) -> {metric: value} runs before training (`eval.before_training`),
+    every `eval.every` steps and at the end; the best params by `eval.metric` go to `best/`.
     Multi-process runs call this on every process (after `jax.distributed.initialize`); only
     process 0 writes metrics and the summary.
     """
@@ -201,20 +157,19 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
 
     # Data first: malformed files fail here, before anything is written.
     records = read_records(cfg.data.train_files)
+    dev_records = read_records(cfg.eval.loss_files) if cfg.eval.loss_files else None
     model_config, host_params, tokenizer_dir = load_initial_model(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
     mesh = mesh_from_config(cfg)
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    loader = TrainLoader(
-        records,
-        tokenizer,
-        loader_settings(cfg, mesh),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    settings = loader_settings(cfg, mesh)
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    loader = TrainLoader(records, tokenizer, settings, **hosts)
+    dev_loader = (
+        None if dev_records is None else TrainLoader(dev_records, tokenizer, settings, **hosts)
     )
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * loader.steps_per_epoch
-    workdir.mkdir(parents=True, exist_ok=True)
     if loader.num_unused_examples:
         log.warning(
             "%d examples fit no bucket that fills a global batch and are not used",
@@ -227,6 +182,9 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
         len(loader.buckets),
         total_steps,
     )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        write_run_info(workdir, model_config, str(tokenizer_dir))
 
     # Optimizer, step and the sharded state.
     abstract = abstract_params(model_config.replace(param_dtype="float32"))
@@ -241,16 +199,11 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
         data_shards=sharding.data_parallel_size(mesh),
     )
     layout = sharded.state_shardings(model_config, tx, mesh, tuple(cfg.mesh.rules))
-    step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
     if host_params is None:
         params = sharded.fresh_params(model_config, cfg.seed, layout.params)
     else:
         params = sharding.put_global(host_params, layout.params)
     del host_params
-    summary: dict[str, Any] = {}
-    if eval_fn is not None and cfg.eval.before_training:
-        summary["eval_before"] = eval_fn(model_config, gather(params))
-        log.info("evaluation before training: %s", summary["eval_before"])
 
     # Resume from the newest checkpoint, if any, onto this run's mesh.
     manager = checkpoint.make_manager(
@@ -262,7 +215,9 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     target = sharded.with_shardings(abstract_state(abstract, tx), layout)
     restored = checkpoint.restore_latest(manager, target)
     if restored is not None:
-        state, start_position = restored[0], LoaderPosition.from_json(restored[1])
+        state, saved = restored
+        check_same_plan(saved, loader, mesh)
+        start_position = LoaderPosition.from_json(saved)
         log.info("resumed from step %d at loader position %s", int(state.step), start_position)
     else:
         state = sharded.initial_state(params, tx, cfg.seed, layout)
@@ -271,6 +226,7 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     # Compile every bucket up front.
     with_teacher = cfg.data.knowledge_distillation
     state_spec = jax.eval_shape(lambda s: s, state)
+    step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
     compiled, compile_seconds = {}, {}
     with jax.set_mesh(mesh):
         for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not show):
@@ -278,14 +234,39 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
             spec = sharded.batch_spec(shape, cfg.data.group_size, with_teacher)
             compiled[shape] = step_fn.lower(state_spec, spec).compile()
             compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
-    summary["compile_seconds"] = compile_seconds
+        eval_step = sharded.jit_eval_step(graphdef, step_config, layout, mesh)
+    summary: dict[str, Any] = {"compile_seconds": compile_seconds}
     log.info("compiled %d bucket programs: %s", len(compiled), compile_seconds)
 
+    if eval_fn is not None and jax.process_count() > 1:
+        # Retrieval evaluation places its corpus on this process's devices only.
+        log.warning(
+            "retrieval evaluation runs in single-process runs only; skipped here (the dev loss, "
+            "eval.loss_files, works on any mesh; evaluate export/ with tools/evaluate.py)"
+        )
+        eval_fn = None
+    evaluating = eval_fn is not None or dev_loader is not None
+
+    def evaluate(step: int) -> dict[str, float]:
+        """Dev loss and eval_fn's metrics of the current params."""
+        metrics = {}
+        if dev_loader is not None:
+            with jax.set_mesh(mesh):
+                metrics.update(dev_loss(eval_step, state, dev_loader, mesh))
+        if eval_fn is not None:
+            metrics.update(eval_fn(model_config, state.params, tokenizer_dir))
+        log.info("evaluation at step %d: %s", step, metrics)
+        return metrics
+
+    best = BestParams(workdir / BEST_DIR, cfg.eval.metric, cfg.eval.mode) if evaluating else None
+    step = int(state.step)
+    if evaluating and cfg.eval.before_training and step == 0:
+        summary["eval_before"] = evaluate(0)
+
     peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
-    writer = MetricsWriter(workdir) if lead else None
+    writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
     stop = StopSignal()
     batch_layout = sharding.batch_sharding(mesh)
-    step = int(state.step)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     window: list[dict] = []
     window_start = time.perf_counter()
@@ -312,7 +293,7 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
             window.append({"shape": shape, **metrics})
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                record = summarize_window(window, elapsed, model_config, cfg, peak)
+                record = summarize_window(window, elapsed, model_config, cfg.data.group_size, peak)
                 if writer is not None:
                     writer.write(step, record)
                 progress.set_postfix(loss=f"{record['loss/loss']:.4f}")
@@ -321,9 +302,15 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
                         f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
                     )
                 window, window_start = [], time.perf_counter()
+            if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+                scores = evaluate(step)
+                if writer is not None:
+                    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+                if best is not None:
+                    best.offer(step, scores, model_config, gather(state.params), tokenizer_dir)
             stopping = stop.agreed()
             if step % cfg.train.save_every == 0 or step == total_steps or stopping:
-                checkpoint.save(manager, step, state, position.to_json())
+                checkpoint.save(manager, step, state, loader_json(position, loader, mesh))
             if stopping:
                 manager.wait_until_finished()
                 raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
@@ -341,12 +328,63 @@ def train(cfg: ConfigDict, eval_fn: Callable[[ModelConfig, Params], dict] | None
     if not export.exists():
         save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
     summary.update(final_step=step, export=str(export))
-    if eval_fn is not None:
-        summary["eval_after"] = eval_fn(model_config, params)
-        log.info("evaluation after training: %s", summary["eval_after"])
+    if evaluating:
+        summary["eval_after"] = evaluate(step)
+        if best is not None:
+            best.offer(step, summary["eval_after"], model_config, params, tokenizer_dir)
+    if best is not None and best.step is not None:
+        summary["best"] = {"step": best.step, cfg.eval.metric: best.value, "dir": str(best.out)}
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def loader_json(position: LoaderPosition, loader: TrainLoader, mesh: Mesh) -> dict:
+    """The loader position plus what it refers to (the batch plan), saved with a checkpoint."""
+    return {
+        **position.to_json(),
+        "plan": {
+            "steps_per_epoch": loader.steps_per_epoch,
+            "bucket_shapes": [list(s) for s in loader.bucket_shapes()],
+            "data_parallel_size": sharding.data_parallel_size(mesh),
+        },
+    }
+
+
+def check_same_plan(saved: dict, loader: TrainLoader, mesh: Mesh) -> None:
+    """A checkpoint's (epoch, step) names a batch of its own run's plan: resuming with other
+    batch sizes would silently skip or repeat data, so that is an error that says what changed."""
+    plan = saved.get("plan")
+    if plan is None:  # checkpoints from before the plan was recorded
+        return
+    now = loader_json(LoaderPosition(), loader, mesh)["plan"]
+    if plan["bucket_shapes"] == now["bucket_shapes"]:
+        return
+    hint = ""
+    if plan["data_parallel_size"] != now["data_parallel_size"]:
+        hint = (
+            f"; the data-parallel size changed from {plan['data_parallel_size']} to "
+            f"{now['data_parallel_size']}, and with data.batch_multiple=-1 batch sizes follow "
+            f"it: set --config.data.batch_multiple={plan['data_parallel_size']} (a multiple of "
+            "every data-parallel size the run will use) to resume this run exactly"
+        )
+    raise ValueError(
+        f"the checkpoint's batch plan {plan['bucket_shapes']} differs from this run's "
+        f"{now['bucket_shapes']} (data files or data settings changed?){hint}"
+    )
+
+
+def dev_loss(eval_step: Any, state: Any, loader: TrainLoader, mesh: Mesh) -> dict[str, float]:
+    """Mean loss parts over one pass of the dev loader (no dropout, no update)."""
+    totals: dict[str, float] = {}
+    count = 0
+    layout = sharding.batch_sharding(mesh)
+    for _, host_batch in loader.iterate(LoaderPosition(), num_epochs=1):
+        parts = jax.device_get(eval_step(state, to_global_batch(host_batch, layout)))
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        count += 1
+    return {f"dev_loss/{k}": v / count for k, v in totals.items()}
 
 
 def gather(tree: Any) -> Any:
@@ -354,25 +392,3 @@ def gather(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def summarize_window(
-    window: list[dict], elapsed: float, model_config: ModelConfig, cfg: ConfigDict, peak: float
-) -> dict[str, float]:
-    """Mean loss parts over the window plus lr, grad norm, throughput and MFU."""
-    keys = [k for k in window[-1] if k.startswith("loss/")]
-    out = {k: float(np.mean([w[k] for w in window])) for k in keys}
-    out["lr"] = float(window[-1]["lr"])
-    out["grad_norm"] = float(window[-1]["grad_norm"])
-    tokens = sum(float(w["tokens"]) for w in window)
-    examples = sum(w["shape"][0] for w in window)
-    padded: dict[int, int] = {}
-    for w in window:
-        batch, q_len, p_len = w["shape"]
-        padded[q_len] = padded.get(q_len, 0) + batch * q_len
-        padded[p_len] = padded.get(p_len, 0) + batch * cfg.data.group_size * p_len
-    step_flops = flops.train_flops(model_config, padded, remat=model_config.remat)
-    out["tokens_per_s"] = tokens / elapsed
-    out["examples_per_s"] = examples / elapsed
-    out["mfu"] = flops.mfu(step_flops, elapsed, peak)
-    return out

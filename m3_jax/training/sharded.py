@@ -22,7 +22,7 @@ from m3_jax.config import ModelConfig
 from m3_jax.model import M3Model
 from m3_jax.model_dir import Params, abstract_params
 from m3_jax.training.state import TrainState, abstract_state, init_state
-from m3_jax.training.step import StepConfig, train_step
+from m3_jax.training.step import StepConfig, eval_loss, train_step
 
 
 def state_shardings(
@@ -85,6 +85,17 @@ def jit_train_step(
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+    )
+
+
+def jit_eval_step(
+    graphdef: nnx.GraphDef, config: StepConfig, shardings: TrainState, mesh: Mesh
+) -> Any:
+    """`eval_loss` (loss parts, no dropout, no update) under `jit` on the same layouts."""
+    return jax.jit(
+        functools.partial(eval_loss, graphdef=graphdef, config=config),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
     )
 
 
