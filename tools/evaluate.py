@@ -3,134 +3,22 @@
     python tools/evaluate.py --model checkpoints/bge-m3 --data data/scifact \\
         --modes dense,sparse,colbert,dense+sparse,all --out results/scifact
 
---model is an m3_jax model directory or a BGE-M3 PyTorch directory. Prints a table like the paper's
-(metrics as rows, modes as columns) and writes OUT/metrics.json and one TREC run file per mode
+The same as `m3-jax evaluate` (m3_jax/cli/evaluate.py): prints a table like the paper's (metrics
+as rows, modes as columns) and writes OUT/metrics.json and one TREC run file per mode
 (OUT/runs/<mode>.trec; OUT defaults to eval_results/<data dir name>). With --cache, corpus
 embeddings are kept in resumable shards.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import logging
 import sys
-import time
-from pathlib import Path
 
-from m3_jax.evaluation.modes import MODES, RetrievalSettings
-
-
-def floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
-
-
-def format_table(metrics: dict[str, dict[str, float]], scale: float = 100.0) -> str:
-    """Metric rows × mode columns, values ×100 with one decimal like the paper."""
-    modes = list(metrics)
-    names = list(next(iter(metrics.values())))
-    width = max(12, *(len(m) + 2 for m in modes))
-    lines = ["metric".ljust(12) + "".join(m.rjust(width) for m in modes)]
-    for name in names:
-        cells = "".join(f"{metrics[m][name] * scale:.1f}".rjust(width) for m in modes)
-        lines.append(name.ljust(12) + cells)
-    return "\n".join(lines)
+from m3_jax.cli.common import tool_main
+from m3_jax.cli.evaluate import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="m3_jax model dir or BGE-M3 PyTorch dir")
-    parser.add_argument("--data", required=True, help="BEIR or MIRACL dataset directory")
-    parser.add_argument("--split", default=None, help="qrels split (BEIR: test, MIRACL: dev)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
-    parser.add_argument("--k", default="10,100", help="metric cutoffs, e.g. 10,100")
-    parser.add_argument("--measures", default="ndcg,recall,mrr", help="ndcg, recall, mrr")
-    parser.add_argument("--top-k", type=int, default=1000, help="first-stage depth (paper: 1000)")
-    parser.add_argument(
-        "--rerank-depth", type=int, default=200, help="dense candidates for colbert/all (200)"
-    )
-    parser.add_argument("--dense-sparse-weights", type=floats, default=(1.0, 0.3))
-    parser.add_argument("--all-weights", type=floats, default=(1.0, 0.3, 1.0))
-    parser.add_argument("--query-max-length", type=int, default=None)
-    parser.add_argument("--passage-max-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="compute dtype (default float32)")
-    parser.add_argument("--max-queries", type=int, default=None, help="evaluate the first N")
-    parser.add_argument("--cache", default=None, help="directory for resumable corpus shards")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="directory for metrics.json and runs/<mode>.trec (default eval_results/<data dir name>)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.out is None:
-        args.out = str(Path("eval_results") / Path(args.data).resolve().name)
-
-    from m3_jax.evaluation.datasets import DatasetError, load_dataset
-    from m3_jax.evaluation.evaluate import evaluate_embedder
-    from m3_jax.inference import M3Embedder
-
-    start = time.perf_counter()
-    try:
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        settings = RetrievalSettings(
-            top_k=args.top_k,
-            rerank_depth=args.rerank_depth,
-            dense_sparse_weights=args.dense_sparse_weights,
-            all_weights=args.all_weights,
-        )
-        dataset = load_dataset(args.data, args.split)
-        if args.max_queries:
-            dataset = dataset.subset(args.max_queries)
-        embedder = M3Embedder.from_pretrained(
-            args.model,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            query_max_length=args.query_max_length,
-            passage_max_length=args.passage_max_length,
-            show_progress=not args.quiet,
-        )
-        result = evaluate_embedder(
-            embedder,
-            dataset,
-            modes=modes,
-            ks=[int(k) for k in args.k.split(",")],
-            measures=[m.strip() for m in args.measures.split(",")],
-            settings=settings,
-            cache_dir=args.cache,
-            model_fingerprint=str(Path(args.model).resolve()),
-            run_dir=Path(args.out) / "runs",
-            progress=not args.quiet,
-        )
-    except (FileNotFoundError, ValueError, DatasetError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    print(
-        f"{dataset.name}: {len(dataset.query_ids)} queries, {len(dataset.doc_ids)} documents, "
-        f"{seconds:.1f}s"
-    )
-    print(format_table(result.metrics))
-    summary = {
-        "model": args.model,
-        "data": args.data,
-        "dataset": dataset.name,
-        "num_queries": len(dataset.query_ids),
-        "num_docs": len(dataset.doc_ids),
-        "settings": dataclasses.asdict(settings),
-        "metrics": result.metrics,
-        "seconds": round(seconds, 1),
-    }
-    path = Path(args.out) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {path} and {Path(args.out) / 'runs'}/<mode>.trec")
-    return 0
+    return tool_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

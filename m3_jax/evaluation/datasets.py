@@ -74,7 +74,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield line_no, row
 
 
-def _field(row: dict, name: str, where: str, kind=str, optional: bool = False):
+def read_field(row: dict, name: str, where: str, kind=str, optional: bool = False):
+    """row[name] checked to be a `kind` (ids may be integers); `where` is "FILE:LINE"."""
     if name not in row:
         if optional:
             return None
@@ -90,8 +91,8 @@ def _field(row: dict, name: str, where: str, kind=str, optional: bool = False):
 
 
 def _doc_text(row: dict, text_field: str, where: str) -> str:
-    title = _field(row, "title", where, optional=True) or ""
-    text = _field(row, text_field, where)
+    title = read_field(row, "title", where, optional=True) or ""
+    text = read_field(row, text_field, where)
     return f"{title} {text}".strip() if title else text
 
 
@@ -100,7 +101,7 @@ def _read_docs(paths: list[Path], id_field: str, text_field: str) -> tuple[list[
     for path in paths:
         for line_no, row in read_jsonl(path):
             where = f"{path}:{line_no}"
-            doc_id = _field(row, id_field, where)
+            doc_id = read_field(row, id_field, where)
             if doc_id in seen:
                 raise DatasetError(
                     f"{where}: duplicate document id {doc_id!r} (first at {seen[doc_id]})"
@@ -174,7 +175,7 @@ def load_beir(path: str | Path, split: str | None = None) -> RetrievalDataset:
     queries: dict[str, str] = {}
     for line_no, row in read_jsonl(root / "queries.jsonl"):
         where = f"{root / 'queries.jsonl'}:{line_no}"
-        queries[_field(row, "_id", where)] = _field(row, "text", where)
+        queries[read_field(row, "_id", where)] = read_field(row, "text", where)
     qrels = read_qrels_tsv(qrels_file, trec=False)
     return _assemble(f"{root.name}/{split}", doc_ids, doc_texts, queries, qrels, qrels_file)
 
@@ -222,9 +223,9 @@ def load_heldout(heldout_file: str | Path, corpus_file: str | Path) -> Retrieval
     queries, qrels = {}, {}
     for line_no, row in read_jsonl(heldout_file):
         where = f"{heldout_file}:{line_no}"
-        qid = _field(row, "query_id", where)
-        queries[qid] = _field(row, "query", where)
-        judged = _field(row, "qrels", where, kind=dict)
+        qid = read_field(row, "query_id", where)
+        queries[qid] = read_field(row, "query", where)
+        judged = read_field(row, "qrels", where, kind=dict)
         try:
             qrels[qid] = {str(d): int(r) for d, r in judged.items()}
         except (TypeError, ValueError) as e:

@@ -3,9 +3,15 @@
 Texts are ordered by character length (longest first, as FlagEmbedding sorts) and cut into shards
 of `shard_size`; `M3Embedder.encode` then packs each shard into its static length buckets, so
 similar lengths share padded shapes. With `cache_dir`, every finished shard is written as
-`shard-NNNNN.npz` (atomically: temporary name, then rename) next to a `manifest.json` that pins the
-texts, model fingerprint, max length and outputs; a rerun loads the finished shards and encodes
-only the rest, so an interrupted encoding of a large corpus resumes where it stopped.
+`shard-NNNNN.npz` or `.safetensors` (atomically: temporary name, then rename) next to a
+`manifest.json` that pins the texts, model fingerprint, max length, outputs and any caller settings;
+a rerun loads the finished shards and encodes only the rest, so an interrupted encoding of a large
+corpus resumes where it stopped. `encode_shards` streams the shards (the `m3-jax encode` command
+writes its files from them); `encode_texts` assembles them in memory.
+
+Shard arrays (texts in length order): `dense` [n, D]; `sparse_indptr` [n + 1], `sparse_indices`,
+`sparse_values` (CSR rows); `colbert_vecs` [T, D] (every text's vectors, concatenated) and
+`colbert_lengths` [n].
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from m3_jax.sparse_formats import to_csr
 
 OUTPUTS = ("dense", "sparse", "colbert")
 MANIFEST = "manifest.json"
+SHARD_FORMATS = ("npz", "safetensors")
 
 
 @dataclasses.dataclass
@@ -80,10 +87,14 @@ def _check_manifest(cache_dir: Path, manifest: dict) -> None:
     path = cache_dir / MANIFEST
     if path.is_file():
         found = json.loads(path.read_text())
-        changed = sorted(k for k in manifest if found.get(k) != manifest[k])
+        changed = [
+            f"{k}: {found.get(k)!r:.80} -> {manifest[k]!r:.80}"
+            for k in manifest
+            if found.get(k) != manifest[k]
+        ]
         if changed:
             raise ValueError(
-                f"{path}: this cache was written for other settings ({', '.join(changed)} differ); "
+                f"{path}: this cache was written for other settings ({'; '.join(changed)}); "
                 "delete the directory or choose another cache directory"
             )
     else:
@@ -91,7 +102,42 @@ def _check_manifest(cache_dir: Path, manifest: dict) -> None:
         path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def encode_texts(
+def shard_path(cache_dir: Path, index: int, shard_format: str = "npz") -> Path:
+    return cache_dir / f"shard-{index:05d}.{shard_format}"
+
+
+def _save_shard(path: Path, arrays: dict[str, np.ndarray], shard_format: str) -> None:
+    # Written under a temporary name and renamed, so a shard on disk is always complete.
+    tmp = path.with_name(f"{path.stem}.tmp.{shard_format}")
+    if shard_format == "npz":
+        np.savez(tmp, **arrays)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_shard(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of one shard file (`keys` only, when given: the others are never read)."""
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return {k: data[k] for k in (data.files if keys is None else keys)}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as data:
+        return {k: data.get_tensor(k) for k in (data.keys() if keys is None else keys)}
+
+
+def shard_order(texts: Sequence[str], shard_size: int) -> list[np.ndarray]:
+    """Input indices of each shard's texts: longest first, cut into runs of `shard_size`."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    order = np.array(sorted(range(len(texts)), key=lambda i: -len(texts[i])), np.int64)
+    return [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
+
+
+def encode_shards(
     embedder,
     texts: Sequence[str],
     *,
@@ -100,21 +146,26 @@ def encode_texts(
     shard_size: int = 8192,
     cache_dir: str | os.PathLike | None = None,
     model_fingerprint: str = "",
+    settings: Mapping[str, Any] | None = None,
+    shard_format: str = "npz",
+    keys: Sequence[str] | None = None,
     progress: bool = True,
     desc: str = "encode",
-) -> EncodedTexts:
-    """Embeds `texts` with an `M3Embedder` in length-ordered shards (see the module docstring).
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Yields (input indices, arrays) per length-ordered shard, loading finished shards from
+    `cache_dir` and encoding (and saving) the rest; see the module docstring for the arrays.
 
     model_fingerprint: anything that identifies the weights (e.g. a model path and step); a cache
-    written under another fingerprint, text list, max length, shard size or output set is refused.
+    written under another fingerprint, text list, max length, shard size, output set, shard format
+    or `settings` (other JSON values the caller's results depend on) is refused.
+    keys: yield only these arrays (a finished shard's other arrays are never read).
     """
     outputs = _check_outputs(outputs)
     if not texts:
         raise ValueError(f"{desc}: no texts to encode")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    order = np.array(sorted(range(len(texts)), key=lambda i: -len(texts[i])), np.int64)
-    shards = [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard_format {shard_format!r}: expected one of {SHARD_FORMATS}")
+    shards = shard_order(texts, shard_size)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         manifest = dict(
@@ -124,33 +175,51 @@ def encode_texts(
             max_length=max_length,
             outputs=list(outputs),
             shard_size=shard_size,
+            shard_format=shard_format,
+            **(settings or {}),
         )
         _check_manifest(cache, manifest)
 
-    parts: list[dict[str, np.ndarray]] = []
     inner_progress = embedder.show_progress
     embedder.show_progress = progress and len(shards) == 1
     try:
         bar = tqdm(shards, desc=desc, disable=not progress or len(shards) == 1, unit="shard")
         for index, shard in enumerate(bar):
-            path = cache / f"shard-{index:05d}.npz" if cache is not None else None
+            path = shard_path(cache, index, shard_format) if cache is not None else None
             if path is not None and path.is_file():
-                with np.load(path) as data:
-                    parts.append({k: data[k] for k in data.files})
+                yield shard, load_shard(path, keys)
                 continue
             arrays = _encode_shard(embedder, [texts[i] for i in shard], max_length, outputs)
             if path is not None:
-                tmp = path.with_name(path.name + ".tmp.npz")
-                np.savez(tmp, **arrays)
-                tmp.replace(path)
-            parts.append(arrays)
+                _save_shard(path, arrays, shard_format)
+            yield shard, arrays if keys is None else {k: arrays[k] for k in keys}
     finally:
         embedder.show_progress = inner_progress
-    return _assemble(parts, order, outputs, embedder.config.vocab_size)
 
 
-def _assemble(parts, order: np.ndarray, outputs, vocab_size: int) -> EncodedTexts:
-    """Concatenates shards (in length order) and puts the rows back in input order."""
+def encode_texts(
+    embedder,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    outputs: Sequence[str] = OUTPUTS,
+    **kwargs: Any,
+) -> EncodedTexts:
+    """Embeds `texts` with an `M3Embedder` in length-ordered shards, in memory and in input
+    order; keyword arguments (shard_size, cache_dir, model_fingerprint, ...) as `encode_shards`."""
+    outputs = _check_outputs(outputs)
+    orders, parts = [], []
+    for shard, arrays in encode_shards(
+        embedder, texts, max_length=max_length, outputs=outputs, **kwargs
+    ):
+        orders.append(shard)
+        parts.append(arrays)
+    return assemble(parts, np.concatenate(orders), outputs, embedder.config.vocab_size)
+
+
+def assemble(parts, order: np.ndarray, outputs, vocab_size: int) -> EncodedTexts:
+    """Concatenates shards (in length order; `order` their input indices, concatenated) and puts
+    the rows back in input order."""
     from scipy import sparse
 
     inverse = np.empty_like(order)
