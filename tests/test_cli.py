@@ -203,6 +203,12 @@ def test_encode_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path, cap
     )
 
 
+def test_encode_checks_max_length_before_writing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(tiny_model_dir, out, "--max-length", "100000", "text")) == 1
+    assert "exceeds" in capsys.readouterr().err and not (out / "manifest.json").exists()
+
+
 # score -----------------------------------------------------------------------------------------
 
 

@@ -137,8 +137,8 @@ def colbert_vectors(output_dir: str | Path, rows: Sequence[int]) -> list[np.ndar
 def run(args: argparse.Namespace) -> int:
     ids, texts = _inputs(args)
     outputs = _outputs(args.what)
-    embedder = load_embedder(args)
-    max_length = args.max_length or embedder.passage_max_length
+    # The constructor checks --max-length against the model before any manifest is written.
+    embedder = load_embedder(args, passage_max_length=args.max_length)
     local = Path(args.model).expanduser()
     keys = {
         "dense": ["dense"],
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     for shard, arrays in encode_shards(
         embedder,
         texts,
-        max_length=max_length,
+        max_length=embedder.passage_max_length,
         outputs=outputs,
         shard_size=args.shard_size,
         cache_dir=out,
