@@ -40,6 +40,12 @@ from m3_jax.evaluation.encoding import (
 
 SPARSE_FORMATS = ("dict", "indices")
 COLBERT_INDEX = "colbert_index.npy"
+# The shard arrays each output needs in memory; ColBERT vectors stay in their shard files.
+SHARD_KEYS = {
+    "dense": ("dense",),
+    "sparse": ("sparse_indptr", "sparse_indices", "sparse_values"),
+    "colbert": ("colbert_lengths",),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,11 +146,6 @@ def run(args: argparse.Namespace) -> int:
     # The constructor checks --max-length against the model before any manifest is written.
     embedder = load_embedder(args, passage_max_length=args.max_length)
     local = Path(args.model).expanduser()
-    keys = {
-        "dense": ["dense"],
-        "sparse": ["sparse_indptr", "sparse_indices", "sparse_values"],
-        "colbert": ["colbert_lengths"],  # the vectors stay in their shard files
-    }
     out = Path(args.output)
     shards, parts = [], []
     for shard, arrays in encode_shards(
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         model_fingerprint=str(local.resolve()) if local.exists() else args.model,
         settings={"dtype": embedder.config.dtype, "attention_impl": embedder.config.attention_impl},
         shard_format=args.colbert_format,
-        keys=[k for name in outputs for k in keys[name]],
+        keys=[k for name in outputs for k in SHARD_KEYS[name]],
         progress=not args.quiet,
     ):
         shards.append(shard)
