@@ -84,50 +84,13 @@ def train_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, train_file):
-    cache = tmp_path / "cache"
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, train_file) -> dict[str, Path]:
+    """NUM_STEPS steps in one process with 8 devices, and in two processes with 4 each."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = root / "cache"
+    single, multi = root / "single", root / "multi"
     run([command(single, train_file, cache)], devices=8)
-
-    multi = tmp_path / "multi"
-    port = free_port()
-    run(
-        [
-            command(
-                multi,
-                train_file,
-                cache,
-                "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            )
-            for i in range(2)
-        ],
-        devices=4,
-    )
-    want, got = losses(single), losses(multi)
-    assert len(want) == len(got) == NUM_STEPS
-    for a, b in zip(got, want, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
-    # Both wrote checkpoints of the same steps and an export of the same params.
-    assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "2",
-        "3",
-    ]
-    single_params = load_model_dir(single / "export")[1]
-    multi_params = load_model_dir(multi / "export")[1]
-    for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params), strict=True):
-        # Adam turns reduction-order rounding in near-zero gradients into steps of up to lr.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
-
-
-def test_resume_on_fewer_devices_and_hosts_continues_the_run(tmp_path, train_file):
-    cache = tmp_path / "cache"
-    eight, moved = tmp_path / "eight", tmp_path / "moved"
-    run([command(eight, train_file, cache)], devices=8)
     port = free_port()
     distributed = [
         "--config.distributed.initialize=True",
@@ -136,15 +99,39 @@ def test_resume_on_fewer_devices_and_hosts_continues_the_run(tmp_path, train_fil
     ]
     run(
         [
-            command(moved, train_file, cache, *distributed, f"--config.distributed.process_id={i}")
+            command(multi, train_file, cache, *distributed, f"--config.distributed.process_id={i}")
             for i in range(2)
         ],
         devices=4,
     )
-    # Two more steps: the 8-device run in place, the 2-process run's checkpoint on 4 devices.
-    run([command(eight, train_file, cache, steps=NUM_STEPS + 2)], devices=8)
-    run([command(moved, train_file, cache, steps=NUM_STEPS + 2)], devices=4)
-    want, got = losses(eight), losses(moved)
+    return {"single": single, "multi": multi, "cache": cache}
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(runs):
+    single, multi = runs["single"], runs["multi"]
+    want, got = losses(single), losses(multi)
+    assert len(want) == len(got) == NUM_STEPS
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+    # Both wrote checkpoints of the same steps and an export of the same params.
+    steps = sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["2", "3"]
+    single_params = load_model_dir(single / "export")[1]
+    multi_params = load_model_dir(multi / "export")[1]
+    for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params), strict=True):
+        # Adam turns reduction-order rounding in near-zero gradients into steps of up to lr.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_resume_on_fewer_devices_and_hosts_continues_the_run(runs, train_file):
+    # Two more steps: the 8-device run in place, the 2-process run's checkpoint in one process
+    # on 4 devices.
+    single, multi, cache = runs["single"], runs["multi"], runs["cache"]
+    run([command(single, train_file, cache, steps=NUM_STEPS + 2)], devices=8)
+    run([command(multi, train_file, cache, steps=NUM_STEPS + 2)], devices=4)
+    want, got = losses(single), losses(multi)
     assert len(want) == len(got) == NUM_STEPS + 2
     for a, b in zip(got[NUM_STEPS:], want[NUM_STEPS:], strict=True):
         for key in a:

@@ -162,6 +162,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_fi
 
 def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_file, cache):
     c = small_config(tmp_path / "run", train_file, cache)
+    c.data.passage_max_len = 128  # one bucket: one train and one eval program to compile
     c.train.num_steps, c.eval.every = 4, 2
     c.eval.loss_files = str(train_file)
     c.eval.metric = "score"
@@ -190,6 +191,7 @@ def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_
 
 def test_resume_with_another_batch_plan_names_the_change(tmp_path, train_file, cache):
     c = small_config(tmp_path / "run", train_file, cache)
+    c.data.passage_max_len = 128  # one bucket to compile
     c.train.num_steps = c.train.save_every = 2
     train(c)
     c.train.num_steps = 4

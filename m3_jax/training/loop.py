@@ -142,8 +142,9 @@ def loader_settings(cfg: ConfigDict, mesh: Mesh) -> LoaderSettings:
 def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
     """Trains per `cfg` (configs/base.py documents every field); returns a summary dict.
 
-    eval_fn(model_config, params, tokenizer_dir) -> {metric: value} runs before training (`eval.before_training`),
-    every `eval.every` steps and at the end; the best params by `eval.metric` go to `best/`.
+    eval_fn(model_config, params, tokenizer_dir) -> {metric: value} runs before training
+    (`eval.before_training`), every `eval.every` steps and at the end, together with the dev loss
+    of `eval.loss_files`; the params with the best `eval.metric` are kept in `best/`.
     Multi-process runs call this on every process (after `jax.distributed.initialize`); only
     process 0 writes metrics and the summary.
     """
@@ -199,11 +200,6 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         data_shards=sharding.data_parallel_size(mesh),
     )
     layout = sharded.state_shardings(model_config, tx, mesh, tuple(cfg.mesh.rules))
-    if host_params is None:
-        params = sharded.fresh_params(model_config, cfg.seed, layout.params)
-    else:
-        params = sharding.put_global(host_params, layout.params)
-    del host_params
 
     # Resume from the newest checkpoint, if any, onto this run's mesh.
     manager = checkpoint.make_manager(
@@ -219,9 +215,13 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         check_same_plan(saved, loader, mesh)
         start_position = LoaderPosition.from_json(saved)
         log.info("resumed from step %d at loader position %s", int(state.step), start_position)
-    else:
+    elif host_params is None:
+        params = sharded.fresh_params(model_config, cfg.seed, layout.params)
         state = sharded.initial_state(params, tx, cfg.seed, layout)
-    del params
+    else:
+        params = sharding.put_global(host_params, layout.params)
+        state = sharded.initial_state(params, tx, cfg.seed, layout)
+    del host_params
 
     # Compile every bucket up front.
     with_teacher = cfg.data.knowledge_distillation
@@ -262,6 +262,7 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
     step = int(state.step)
     if evaluating and cfg.eval.before_training and step == 0:
         summary["eval_before"] = evaluate(0)
+        best.offer(0, summary["eval_before"], model_config, gather(state.params), tokenizer_dir)
 
     peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
     writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
