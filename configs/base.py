@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.attention_chunk_size = 512  # query block of the chunked attention
     c.model.attention_probs_dropout_prob = -1.0  # -1 = the model's; cudnn/splash train with 0
     c.model.remat = False  # recompute each layer in the backward pass (less memory, +1 forward)
+    c.model.scan_layers = False  # lax.scan over the layers: one layer to compile instead of N
 
     c.data = ConfigDict()
     c.data.train_files = ""  # jsonl file, directory of them, or a list

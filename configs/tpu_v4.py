@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> "base.ConfigDict":
     c.model.init_from = "checkpoints/bge-m3"
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True  # compile one of the 24 layers
     c.model.attention_impl = "splash"
     c.model.attention_probs_dropout_prob = 0.0  # the splash kernel has no attention dropout
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over the whole slice

@@ -44,6 +44,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = "xla"
     attention_chunk_size: int = 512
     remat: bool = False
+    scan_layers: bool = False  # one lax.scan over the layers: one layer to compile, not N
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

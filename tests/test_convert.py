@@ -55,11 +55,7 @@ SEED = 7
 # Fixtures --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def full_precision_matmuls():
-    """Comparisons with fp32 PyTorch need true fp32 matmuls (a no-op on CPU; GPUs use TF32)."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,27 @@ def test_remat_same_outputs_and_gradients():
         np.testing.assert_allclose(np.asarray(g_r), np.asarray(g), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_over_layers_same_outputs_and_gradients(remat):
+    """One lax.scan over the stacked layers equals the unrolled stack, dropout masks included."""
+    config = tiny(vocab_size=VOCAB, num_hidden_layers=3, remat=remat)
+    plain = build(config, 2)
+    scanned = with_config(plain, config.replace(scan_layers=True))
+    ids, mask = batch(3)
+    rng = jax.random.key(7, impl="rbg")
+    (value, grads), _ = _loss_and_grad(plain, ids, mask, rng)
+    (value_s, grads_s), jaxpr_s = _loss_and_grad(scanned, ids, mask, rng)
+    assert "scan" in str(jaxpr_s)
+    np.testing.assert_allclose(float(value_s), float(value), rtol=1e-6)
+    a, b = forward(plain, ids, mask), forward(scanned, ids, mask)
+    for name in ("dense", "sparse", "colbert"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), rtol=1e-6, atol=1e-7
+        )
+    for g, g_s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s), strict=True):
+        np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_only_with_rng():
     config = tiny(
         vocab_size=VOCAB,

@@ -77,11 +77,8 @@ def losses(workdir: Path) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    lines = (ROOT / "train/demo_data/train.jsonl").read_text().splitlines()[:200]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def train_file(demo_train_file) -> Path:
+    return demo_train_file
 
 
 @pytest.fixture(scope="module")

@@ -51,10 +51,7 @@ MAX_LENGTH = 128
 TRAIN_STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def full_precision_matmuls():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,7 @@ class Encoder(nnx.Module):
             [EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
         )
         self.remat = config.remat
+        self.scan_layers = config.scan_layers
 
     def __call__(
         self,
@@ -132,7 +133,25 @@ class Encoder(nnx.Module):
         x = constrain_batch(self.embeddings(input_ids, rng))
         key_mask = attention_mask.astype(bool)
         apply = _apply_layer_remat if self.remat else _apply_layer
+        if self.scan_layers:
+            return self._scan(apply, x, key_mask, dropout_rng)
         for index, layer in enumerate(self.layers):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             x = constrain_batch(apply(layer, x, key_mask, rng))
+        return x
+
+    def _scan(self, apply, x, key_mask, dropout_rng):
+        """The same layers as one `lax.scan` over their stacked weights: XLA compiles one layer
+        instead of `num_hidden_layers`. Params keep their per-layer layout (checkpoints and
+        conversion are unchanged); the stack is built inside the program."""
+        graphdef, _ = nnx.split(self.layers[0])
+        states = [nnx.state(layer) for layer in self.layers]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        def body(x, inputs):
+            index, state = inputs
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            return constrain_batch(apply(nnx.merge(graphdef, state), x, key_mask, rng)), None
+
+        x, _ = jax.lax.scan(body, x, (jnp.arange(len(self.layers)), stacked))
         return x

@@ -78,6 +78,7 @@ def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params | None, Pat
         attention_impl=m.attention_impl,
         attention_chunk_size=m.attention_chunk_size,
         remat=m.remat,
+        scan_layers=m.scan_layers,
     )
     if m.attention_probs_dropout_prob >= 0:
         overrides["attention_probs_dropout_prob"] = m.attention_probs_dropout_prob
