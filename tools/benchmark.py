@@ -1,23 +1,33 @@
 """Encode and training-step throughput of m3_jax against PyTorch on the same weights and inputs.
 
-    python tools/benchmark.py --geometry tiny                  # encode + train, about a minute on 2 cores
-    python tools/benchmark.py --geometry base --mode encode --num-texts 256 --max-length 512
-    python tools/benchmark.py --geometry base --mode train --queries 4 --train-steps 3
+    python tools/benchmark.py --geometry tiny                  # encode + train, minutes on 2 cores
+    python tools/benchmark.py --geometry base --mode encode --flag-embedding-python /tmp/fe/bin/python
+    python tools/benchmark.py --geometry bge-m3 --mode encode --max-length 8192 --num-texts 64
+    python tools/benchmark.py --geometry bge-m3 --mode encode --dtype bfloat16 --attention cudnn \
+        --sides m3_jax                                         # a GPU: bf16 MFU, cuDNN attention
 
-Both sides start from identical random weights (m3_jax.tiny.random_params) and compute in fp32.
+All sides start from identical random weights (m3_jax.tiny.random_params) in the geometry asked for.
 
-encode: dense + sparse + colbert outputs of mixed-length texts. PyTorch follows FlagEmbedding's
-M3Embedder: texts sorted by length, each batch padded to its longest. m3_jax uses its static
-length buckets.
+encode: dense + sparse + colbert outputs of the same texts, whose token counts are drawn like a
+real corpus (log-normal around 180 tokens, every 32nd from a tail up to --max-length). Each
+implementation runs in a process of its own (its peak memory is its own), one warm-up call then
+--repeats timed calls:
+  - FlagEmbedding's BGEM3FlagModel, the official implementation, on the weights exported to the
+    PyTorch layout (needs an interpreter that imports FlagEmbedding: --flag-embedding-python, since
+    FlagEmbedding 1.x pins transformers 4.x; skipped when there is none);
+  - transformers' XLMRobertaModel + heads (tools/torch_m3.py): FlagEmbedding's batching (sorted by
+    length, each batch padded to its longest) without its Python post-processing;
+  - m3_jax's M3Embedder: static length buckets, compile time per bucket reported.
+The first side present is the reference (ratio 1.00). Useful FLOP/s count each text's matmuls at
+its own length (no padding); MFU is against the matmul peak measured in the same run.
 
 train: optimizer updates on a fixed batch of B queries with G passages each (right-padded to Lq
 and Lp): unified M3 loss with self-distillation (M3_SPEC §5), no dropout, gradient clipping 1.0,
-AdamW. m3_jax runs its jitted `train_step` (state donated, compile timed separately); PyTorch runs
-transformers' XLMRobertaModel (sdpa attention by default) with the same loss written in torch
+AdamW, fp32. m3_jax runs its jitted `train_step` (state donated, compile timed separately);
+PyTorch runs transformers' XLMRobertaModel (sdpa attention by default) with the same loss
 (tools/torch_m3.py). The sides alternate step by step and the fastest step of each is kept, so
 background load hits both alike. The first-step losses must agree. FLOPs come from
-m3_jax.flops.train_flops (padded tokens); MFU is against the fp32 matmul peak measured in the
-same run.
+m3_jax.flops.train_flops (padded tokens).
 
 Prints a table per mode; --json writes all results.
 """
@@ -30,6 +40,9 @@ import functools
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +55,9 @@ from flax import nnx
 from torch_m3 import make_train_step, torch_encode, torch_m3
 
 from m3_jax import config as configs
-from m3_jax.flops import measure_matmul_peak, mfu, train_flops
+from m3_jax.bucketing import plan_batches
+from m3_jax.convert.to_torch import export_torch_dir
+from m3_jax.flops import forward_flops_per_token, measure_matmul_peak, mfu, train_flops
 from m3_jax.inference import M3Embedder
 from m3_jax.losses import LossConfig
 from m3_jax.model.m3 import M3Model
@@ -60,16 +75,16 @@ TOKENS_PER_WORD = 5.5  # of the tiny tokenizer on synthetic text, roughly
 # Shared helpers --------------------------------------------------------------------------------
 
 
-def mixed_length_texts(
-    num_texts: int, max_words: int, seed: int, median_words: float = 33.0
-) -> list[str]:
-    """Log-normal word counts around `median_words`: many short texts, a tail up to `max_words`."""
-    rng = np.random.default_rng(seed)
+def texts_of_lengths(lengths, seed: int) -> list[str]:
+    """Synthetic multi-script texts of about `lengths` tokens each (of the tiny tokenizer)."""
     words = " ".join(synthetic_corpus(4000, seed)).split()
-    counts = rng.lognormal(mean=np.log(median_words), sigma=1.0, size=num_texts)
-    counts = np.clip(counts, 3, max_words).astype(int)
-    starts = rng.integers(0, len(words) - max_words, size=num_texts)
-    return [" ".join(words[s : s + n]) for s, n in zip(starts, counts, strict=True)]
+    rng = np.random.default_rng(seed + 1)
+    texts = []
+    for length in lengths:
+        n = max(1, int(length / TOKENS_PER_WORD))
+        start = int(rng.integers(0, len(words) - n))
+        texts.append(" ".join(words[start : start + n]))
+    return texts
 
 
 def timed(fn, repeats: int) -> float:
@@ -95,69 +110,267 @@ def print_table(title: str, header: list[str], rows: list[list[str]], notes: lis
 
 
 # Encode ----------------------------------------------------------------------------------------
+# Each implementation encodes in a process of its own, so that its peak memory is its own and
+# FlagEmbedding can run under another interpreter (it pins transformers 4.x).
 
 
-def run_encode(args, config, params, tokenizer) -> dict:
-    texts = mixed_length_texts(args.num_texts, args.max_length, args.seed)
-    real_tokens = sum(
-        len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+def corpus_lengths(num_texts: int, max_length: int, seed: int) -> np.ndarray:
+    """Token counts like a real corpus: log-normal around 180 tokens (most texts short), and every
+    32nd text from a log-uniform tail between max_length / 16 and max_length."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.lognormal(np.log(180.0), 1.0, num_texts)
+    tail = np.arange(num_texts) % 32 == 31
+    lengths[tail] = np.exp(rng.uniform(np.log(max_length / 16), np.log(max_length), tail.sum()))
+    return np.clip(lengths, 8, max_length).astype(int)
+
+
+def peak_memory_bytes(backend_device=None) -> int:
+    """Peak device memory on accelerators, else the process's peak resident memory."""
+    if backend_device is not None and backend_device.platform != "cpu":
+        return int((backend_device.memory_stats() or {}).get("peak_bytes_in_use", 0))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class CompileLog:
+    """Seconds spent tracing, lowering and compiling each jitted function, in call order."""
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
     )
 
+    def __init__(self):
+        self.seconds: list[float] = []
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **kwargs) -> None:
+        if event in self.EVENTS and kwargs.get("fun_name") in (
+            "_forward_impl",
+            "jit(_forward_impl)",
+        ):
+            if event == self.EVENTS[0]:
+                self.seconds.append(0.0)
+            if self.seconds:
+                self.seconds[-1] += duration
+
+
+def encode_m3_jax(args, config, params, tokenizer, texts: list[str], out: Path) -> dict:
+    compiles = CompileLog()
     embedder = M3Embedder(
         model_from_params(config, params),
         tokenizer,
         batch_size=args.batch_size,
+        max_tokens_per_batch=args.max_tokens_per_batch,
         show_progress=False,
     )
     kw = dict(
         max_length=args.max_length, return_dense=True, return_sparse=True, return_colbert_vecs=True
     )
     start = time.perf_counter()
-    jax_out = embedder.encode(texts, **kw)
+    dense = embedder.encode(texts, **kw)["dense_vecs"]
     first_call = time.perf_counter() - start
-    jax_time = timed(lambda: embedder.encode(texts, **kw), args.repeats)
+    seconds = timed(lambda: embedder.encode(texts, **kw), args.repeats)
+    np.save(out / "dense.npy", dense)
+    lengths = [
+        len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    ]
+    plan = plan_batches(lengths, embedder.bucket_spec, args.max_length)
+    shapes = list(dict.fromkeys(b.shape for b in plan))  # first-dispatch order = compile order
+    return {
+        "seconds": seconds,
+        "warmup_seconds": first_call,
+        "peak_memory_bytes": peak_memory_bytes(jax.devices()[0]),
+        "padded_tokens": sum(b.rows * b.length for b in plan),
+        "padded_flops": sum(
+            b.rows * b.length * forward_flops_per_token(config, b.length) for b in plan
+        ),
+        "compiles": [
+            {"shape": list(shape), "seconds": s}
+            for shape, s in zip(shapes, compiles.seconds, strict=False)
+        ],
+        "compiled_programs": embedder.compiled_program_count(),
+    }
 
+
+def encode_torch(args, config, params, tokenizer, texts: list[str], out: Path) -> dict:
     model, colbert_linear, sparse_linear = torch_m3(config, params, args.torch_attention)
-    run_torch = lambda: torch_encode(  # noqa: E731
+    run = lambda: torch_encode(  # noqa: E731
         model, colbert_linear, sparse_linear, tokenizer, texts, args.batch_size, args.max_length
     )
-    torch_out = run_torch()
-    torch_time = timed(run_torch, args.repeats)
+    start = time.perf_counter()
+    dense = run()[0]
+    first_call = time.perf_counter() - start
+    seconds = timed(run, args.repeats)
+    np.save(out / "dense.npy", dense)
+    return {
+        "seconds": seconds,
+        "warmup_seconds": first_call,
+        "peak_memory_bytes": peak_memory_bytes(),
+    }
 
-    results = {
-        "num_texts": args.num_texts,
-        "real_tokens": real_tokens,
+
+ENCODERS = {"m3_jax": encode_m3_jax, "torch": encode_torch}
+LABELS = {
+    "flag_embedding": "FlagEmbedding BGEM3FlagModel (official)",
+    "torch": "transformers + heads ({attention}, sorted, pad-to-longest)",
+    "m3_jax": "m3_jax M3Embedder ({attention}, static buckets)",
+}
+
+
+def run_encode_side(args) -> None:
+    """Child process: one implementation encodes the texts; result.json and dense.npy in --work."""
+    work = args.work
+    tokenizer = load_tokenizer(work / "tokenizer")
+    config = model_config(args, len(tokenizer))
+    texts = json.loads((work / "texts.json").read_text())
+    out = work / args.encode_side
+    out.mkdir(exist_ok=True)
+    params = random_params(config, args.seed)
+    result = ENCODERS[args.encode_side](args, config, params, tokenizer, texts, out)
+    (out / "result.json").write_text(json.dumps(result) + "\n")
+
+
+def flag_embedding_python(args) -> str | None:
+    """The interpreter that imports FlagEmbedding: --flag-embedding-python, else this one."""
+    python = args.flag_embedding_python or sys.executable
+    probe = subprocess.run(
+        [python, "-c", "import FlagEmbedding"], capture_output=True, text=True, check=False
+    )
+    return python if probe.returncode == 0 else None
+
+
+def child_args(args) -> list[str]:
+    return [
+        f"--geometry={args.geometry}",
+        f"--seed={args.seed}",
+        f"--max-length={args.max_length}",
+        f"--batch-size={args.batch_size}",
+        f"--max-tokens-per-batch={args.max_tokens_per_batch}",
+        f"--repeats={args.repeats}",
+        f"--torch-attention={args.torch_attention}",
+        f"--attention={args.attention}",
+        f"--dtype={args.dtype}",
+        f"--query-length={args.query_length}",  # the position table's size depends on these
+        f"--passage-length={args.passage_length}",
+    ]
+
+
+def run_encode(args, work: Path, config, tokenizer, peak_flops: float) -> dict:
+    texts = texts_of_lengths(corpus_lengths(args.num_texts, args.max_length, args.seed), args.seed)
+    (work / "texts.json").write_text(json.dumps(texts))
+    lengths = [
+        len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    ]
+    useful_flops = sum(n * forward_flops_per_token(config, n) for n in lengths)
+    commands = {}
+    for side in args.sides.split(","):
+        if side in ENCODERS:
+            commands[side] = [sys.executable, __file__, *child_args(args), f"--encode-side={side}"]
+            commands[side].append(f"--work={work}")
+        elif side == "flag_embedding":
+            python = flag_embedding_python(args)
+            if python is None:
+                print("FlagEmbedding is not importable here (--flag-embedding-python): skipped")
+                continue
+            model_dir = work / "torch_model"
+            params = random_params(config, args.seed)
+            export_torch_dir(
+                config, params, model_dir, tokenizer_source=work / "tokenizer", progress=False
+            )
+            commands[side] = [
+                python,
+                str(Path(__file__).with_name("flag_embedding_encode.py")),
+                str(model_dir),
+                str(work / "texts.json"),
+                str(work / side),
+                f"--batch-size={args.batch_size}",
+                f"--max-length={args.max_length}",
+                f"--colbert-dim={config.colbert_out_dim}",
+                f"--repeats={args.repeats}",
+            ]
+        else:
+            raise SystemExit(f"--sides: unknown implementation {side!r}")
+    results: dict[str, dict] = {}
+    reference, reference_dense = next(iter(commands)), None
+    for side, command in commands.items():
+        print(f"encoding with {side} ...", flush=True)
+        subprocess.run(command, check=True)
+        results[side] = json.loads((work / side / "result.json").read_text())
+        dense = np.load(work / side / "dense.npy")
+        if reference_dense is None:
+            reference_dense = dense
+        results[side]["max_abs_dense_diff_vs_" + reference] = float(
+            np.abs(dense - reference_dense).max()
+        )
+    for side in results.values():
+        side["tokens_per_s"] = sum(lengths) / side["seconds"]
+        side["speedup"] = results[reference]["seconds"] / side["seconds"]
+        side["useful_flop_per_s"] = useful_flops / side["seconds"]
+        side["useful_mfu"] = mfu(useful_flops, side["seconds"], peak_flops)
+
+    summary = {
+        "num_texts": len(texts),
+        "real_tokens": sum(lengths),
+        "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (10, 50, 90, 99, 100)},
         "max_length": args.max_length,
         "batch_size": args.batch_size,
-        "m3_jax_tokens_per_s": real_tokens / jax_time,
-        "torch_tokens_per_s": real_tokens / torch_time,
-        "speedup": torch_time / jax_time,
-        "m3_jax_first_call_s": first_call,
-        "compiled_programs": embedder.compiled_program_count(),
-        "max_abs_dense_diff": float(np.abs(jax_out["dense_vecs"] - torch_out[0]).max()),
+        "dtype": args.dtype,
+        "matmul_peak_flop_per_s": peak_flops,
+        "useful_flops": useful_flops,
+        "reference": reference,
+        "sides": results,
     }
+    attention = {"torch": args.torch_attention, "m3_jax": args.attention}
+    rows = [
+        [
+            LABELS[name].format(attention=attention.get(name, "")),
+            f"{side['tokens_per_s']:.0f}",
+            f"{side['speedup']:.2f}",
+            f"{side['useful_flop_per_s'] / 1e9:.1f}",
+            f"{100 * side['useful_mfu']:.1f}%",
+            f"{side['peak_memory_bytes'] / 2**30:.2f}",
+            f"{side['warmup_seconds']:.1f}",
+        ]
+        for name, side in results.items()
+    ]
+    notes = [
+        "lengths (tokens) p10/p50/p90/p99/max: "
+        + "/".join(str(v) for v in summary["length_percentiles"].values())
+        + f"; matmul peak {peak_flops / 1e9:.1f} GFLOP/s ({args.dtype}); useful FLOPs count "
+        "each text at its own length; first call = warm-up run (m3_jax: incl. compiles)",
+    ]
+    if "m3_jax" in results:
+        ours = results["m3_jax"]
+        notes.append(
+            f"m3_jax: {ours['compiled_programs']} programs, compile seconds per bucket "
+            + ", ".join(
+                f"{c['shape'][0]}x{c['shape'][1]}: {c['seconds']:.1f}" for c in ours["compiles"]
+            )
+            + f"; {ours['padded_tokens']} padded tokens computed for {sum(lengths)} real"
+        )
+    notes += [
+        f"max |dense - {reference}|: "
+        + ", ".join(
+            f"{n} {s['max_abs_dense_diff_vs_' + reference]:.1e}" for n, s in results.items()
+        )
+    ]
     print_table(
-        f"encode, geometry={args.geometry}, {args.num_texts} texts, {real_tokens} real tokens, "
-        "fp32, dense+sparse+colbert",
-        ["implementation", "tokens/s", "ratio"],
+        f"encode, geometry={args.geometry}, {len(texts)} texts, {sum(lengths)} real tokens, "
+        f"{args.dtype}, dense+sparse+colbert",
         [
-            [
-                f"PyTorch ({args.torch_attention}, sorted, pad-to-longest)",
-                f"{results['torch_tokens_per_s']:.0f}",
-                "1.00",
-            ],
-            [
-                "m3_jax (static buckets)",
-                f"{results['m3_jax_tokens_per_s']:.0f}",
-                f"{results['speedup']:.2f}",
-            ],
+            "implementation",
+            "tokens/s",
+            "ratio",
+            "useful GFLOP/s",
+            "MFU",
+            "peak GiB",
+            "first call s",
         ],
-        [
-            f"m3_jax first call (incl. {results['compiled_programs']} compiles): "
-            f"{first_call:.1f}s; max |dense diff| {results['max_abs_dense_diff']:.2e}"
-        ],
+        rows,
+        notes,
     )
-    return results
+    return summary
 
 
 # Train -----------------------------------------------------------------------------------------
@@ -169,7 +382,8 @@ def train_batch(args, tokenizer) -> dict[str, np.ndarray]:
     b, g, lq, lp = args.queries, args.group_size, args.query_length, args.passage_length
 
     def tokenize(num, length, seed):
-        texts = mixed_length_texts(num, length, seed, median_words=length / 2 / TOKENS_PER_WORD)
+        lengths = np.random.default_rng(seed).integers(length // 4, length + 1, num)
+        texts = texts_of_lengths(lengths, seed)
         enc = tokenizer(
             texts, padding="max_length", truncation=True, max_length=length, return_tensors="np"
         )
@@ -338,13 +552,35 @@ def run_train(args, config, params, tokenizer, peak_flops: float) -> dict:
 # Main ------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def model_config(args, vocab_size: int):
+    longest = max(args.max_length, args.query_length, args.passage_length)
+    return GEOMETRIES[args.geometry](
+        vocab_size=vocab_size,
+        max_position_embeddings=longest + 2,
+        dtype=args.dtype,
+        attention_impl=args.attention,
+    )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
     parser.add_argument("--mode", choices=("encode", "train", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="m3_jax compute dtype (params stay float32); bfloat16 on accelerators",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("xla", "chunked", "cudnn", "splash"),
+        default="chunked",
+        help="m3_jax attention (cudnn on GPUs, splash on TPUs)",
+    )
     parser.add_argument(
         "--torch-attention",
         choices=("eager", "sdpa"),
@@ -353,12 +589,30 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     encode = parser.add_argument_group("encode")
+    encode.add_argument(
+        "--sides",
+        default="flag_embedding,torch,m3_jax",
+        help="implementations to run, the first present is the reference (ratio 1.00)",
+    )
+    encode.add_argument(
+        "--flag-embedding-python",
+        default=None,
+        help="an interpreter that imports FlagEmbedding (default: this one; skipped if neither)",
+    )
     encode.add_argument("--num-texts", type=int, default=256)
     encode.add_argument("--max-length", type=int, default=512)
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument(
-        "--repeats", type=int, default=2, help="timed encode runs per side (best is kept)"
+        "--max-tokens-per-batch",
+        type=int,
+        default=65536,
+        help="m3_jax bucket budget (rows x length)",
     )
+    encode.add_argument(
+        "--repeats", type=int, default=1, help="timed encode runs per side after the warm-up"
+    )
+    encode.add_argument("--encode-side", choices=sorted(ENCODERS), help=argparse.SUPPRESS)
+    encode.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     train = parser.add_argument_group("train")
     train.add_argument("--queries", type=int, default=8, help="B, queries per step")
     train.add_argument("--group-size", type=int, default=8, help="G, passages per query")
@@ -368,25 +622,29 @@ def main() -> None:
         "--train-steps", type=int, default=5, help="timed steps per side (the fastest is kept)"
     )
     train.add_argument("--teacher", action="store_true", help="random teacher scores (m3_kd_loss)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = load_tokenizer(train_tokenizer(Path(tmp) / "tok", seed=args.seed))
-    longest = max(args.max_length, args.query_length, args.passage_length)
-    config = GEOMETRIES[args.geometry](
-        vocab_size=len(tokenizer), max_position_embeddings=longest + 2
-    )
-    params = random_params(config, args.seed)
+
+def main() -> None:
+    args = parse_args()
+    if args.encode_side:
+        return run_encode_side(args)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.devices()[0].device_kind}"
     )
     print(f"machine: {machine}; load average {os.getloadavg()[0]:.1f} before the run")
     results = {"geometry": args.geometry, "machine": machine, "load_average": os.getloadavg()[0]}
-    if args.mode in ("encode", "all"):
-        results["encode"] = run_encode(args, config, params, tokenizer)
-    if args.mode in ("train", "all"):
-        results["train"] = run_train(args, config, params, tokenizer, measure_matmul_peak())
+    peak = measure_matmul_peak(dtype=args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tokenizer = load_tokenizer(train_tokenizer(work / "tokenizer", seed=args.seed))
+        config = model_config(args, len(tokenizer))
+        if args.mode in ("encode", "all"):
+            results["encode"] = run_encode(args, work, config, tokenizer, peak)
+        if args.mode in ("train", "all"):
+            params = random_params(config, args.seed)
+            results["train"] = run_train(args, config, params, tokenizer, peak)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
