@@ -2,8 +2,9 @@
 
 XLA compiles one program per distinct input shape. Sequences are sorted by length, assigned the
 smallest bucket length that holds them, cut into batches of a bucket-specific row count, and the
-last batch of a bucket is padded up to a power of two, so a whole corpus compiles a handful of
-programs and short texts are never padded to the longest one.
+last batch of a bucket is padded up to a power of two (its spare rows filled with the next
+bucket's longest sequences), so a whole corpus compiles a handful of programs and short texts are
+never padded to the longest one.
 """
 
 from __future__ import annotations
@@ -73,19 +74,24 @@ def bucket_length(length: int, lengths: Sequence[int]) -> int:
 
 
 def plan_batches(seq_lengths: Sequence[int], spec: BucketSpec, max_length: int) -> list[Batch]:
-    """Batches covering every sequence once, longest first (so memory errors surface early)."""
+    """Batches covering every sequence once, longest first (so memory errors surface early).
+
+    The last batch of a bucket has its rows padded to a power of two; those spare rows take the
+    longest sequences of the next buckets (they fit, and the rows are computed anyway), which
+    saves their own buckets that work.
+    """
     lengths = spec.lengths_up_to(max_length)
     order = np.argsort(-np.asarray(seq_lengths), kind="stable")
-    buckets: dict[int, list[int]] = {}
-    for index in order:
-        buckets.setdefault(bucket_length(int(seq_lengths[index]), lengths), []).append(int(index))
+    buckets = np.asarray([bucket_length(int(seq_lengths[i]), lengths) for i in order])
     batches = []
-    for length in sorted(buckets, reverse=True):
-        members = buckets[length]
+    start = 0
+    while start < len(order):
+        length = int(buckets[start])
         rows = spec.rows_for(length)
-        for start in range(0, len(members), rows):
-            chunk = np.asarray(members[start : start + rows])
-            batches.append(Batch(chunk, _padded_rows(len(chunk), rows), length))
+        members = int(np.sum(buckets[start : start + rows] == length))
+        padded = _padded_rows(members, rows)
+        batches.append(Batch(order[start : start + padded], padded, length))
+        start += padded
     return batches
 
 

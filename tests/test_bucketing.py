@@ -18,35 +18,35 @@ def next_pow2(n: int) -> int:
 def check_plan(seq_lengths, spec: BucketSpec, max_length: int, batches) -> None:
     """Every property a plan must have, checked with independent arithmetic."""
     allowed = sorted({n for n in spec.lengths if n < max_length} | {max_length})
-    # Every index exactly once.
+    own_bucket = [min(x for x in allowed if x >= n) for n in seq_lengths]
+    # Every index exactly once, longest sequences first.
     all_indices = np.concatenate([b.indices for b in batches]) if batches else np.array([], int)
     assert sorted(all_indices.tolist()) == list(range(len(seq_lengths)))
-    by_length: dict[int, list[Batch]] = {}
-    for b in batches:
+    in_order = [seq_lengths[i] for i in all_indices]
+    assert in_order == sorted(in_order, reverse=True)
+    for k, b in enumerate(batches):
         assert b.length in allowed
         assert b.shape == (b.rows, b.length)
         cap = max(1, min(spec.batch_size, spec.max_tokens // b.length))
         assert 1 <= len(b.indices) <= b.rows <= cap <= spec.batch_size
         assert b.rows * b.length <= spec.max_tokens or b.rows == 1
+        # A batch is for its first (longest) sequence's bucket.
+        assert b.length == own_bucket[b.indices[0]]
+        members = sum(own_bucket[i] == b.length for i in b.indices)
+        if members == cap:
+            assert b.rows == len(b.indices) == cap
+        else:  # the bucket's last batch: rows padded to a power of two
+            assert b.rows == min(cap, next_pow2(members))
+            assert all(own_bucket[i] != b.length for i in _later_indices(batches, k))
+        # Spare rows hold shorter sequences whenever any are left.
+        if k + 1 < len(batches):
+            assert len(b.indices) == b.rows
         for i in b.indices:
-            n = seq_lengths[i]
-            assert n <= b.length
-            # The smallest bucket that holds the sequence.
-            assert b.length == min(x for x in allowed if x >= n)
-        by_length.setdefault(b.length, []).append(b)
-    # Longest bucket first.
-    order = [b.length for b in batches]
-    assert order == sorted(order, reverse=True)
-    for length, group in by_length.items():
-        cap = max(1, min(spec.batch_size, spec.max_tokens // length))
-        *full, last = group
-        for b in full:
-            assert len(b.indices) == b.rows == cap
-        assert last.rows == min(cap, next_pow2(len(last.indices)))
-        expected_count = sum(1 for n in seq_lengths if n <= length) - sum(
-            1 for n in seq_lengths if n <= max([x for x in allowed if x < length], default=0)
-        )
-        assert sum(len(b.indices) for b in group) == expected_count
+            assert seq_lengths[i] <= b.length
+
+
+def _later_indices(batches, k):
+    return [int(i) for b in batches[k + 1 :] for i in b.indices]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -77,6 +77,21 @@ def test_plan_batches_example():
     check_plan(seq_lengths, spec, 48, batches)
 
 
+def test_spare_rows_take_the_next_buckets_longest():
+    spec = BucketSpec(lengths=(16, 32, 64), batch_size=8, max_tokens=4096)
+    seq_lengths = [60, 50, 40, 30, 20, 12, 10, 8, 5]
+    batches = plan_batches(seq_lengths, spec, max_length=64)
+    # 64: three sequences padded to 4 rows, the fourth row takes 30 (bucket 32); 32: [20] alone,
+    # 1 row; 16: the remaining four.
+    assert [b.shape for b in batches] == [(4, 64), (1, 32), (4, 16)]
+    assert [[seq_lengths[i] for i in b.indices] for b in batches] == [
+        [60, 50, 40, 30],
+        [20],
+        [12, 10, 8, 5],
+    ]
+    check_plan(seq_lengths, spec, 64, batches)
+
+
 def test_last_batch_rows_padded_to_power_of_two():
     spec = BucketSpec(lengths=(16,), batch_size=16, max_tokens=10_000)
     for n, rows in [(1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (16, 16), (17, 1), (21, 8)]:
@@ -95,7 +110,7 @@ def test_max_length_is_the_last_bucket():
     assert spec.lengths_up_to(32) == (16, 32)
     assert spec.lengths_up_to(100) == (16, 32, 64, 100)
     assert spec.lengths_up_to(10) == (10,)
-    assert {b.length for b in plan_batches([33, 47, 48, 5], spec, 48)} == {48, 16}
+    assert {b.length for b in plan_batches([33, 47, 48, 5, 6], spec, 48)} == {48, 16}
     assert {b.length for b in plan_batches([70, 100], spec, 100)} == {100}
     assert {b.length for b in plan_batches([7, 9], spec, 10)} == {10}
 

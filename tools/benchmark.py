@@ -115,12 +115,14 @@ def print_table(title: str, header: list[str], rows: list[list[str]], notes: lis
 
 
 def corpus_lengths(num_texts: int, max_length: int, seed: int) -> np.ndarray:
-    """Token counts like a real corpus: log-normal around 180 tokens (most texts short), and every
-    32nd text from a log-uniform tail between max_length / 16 and max_length."""
+    """Token counts like a real corpus: log-normal around 180 tokens (most texts short), every
+    32nd text from a log-uniform tail between max_length / 16 and max_length, and the last text
+    max_length long (so the longest bucket, and its memory, is always measured)."""
     rng = np.random.default_rng(seed)
     lengths = rng.lognormal(np.log(180.0), 1.0, num_texts)
     tail = np.arange(num_texts) % 32 == 31
     lengths[tail] = np.exp(rng.uniform(np.log(max_length / 16), np.log(max_length), tail.sum()))
+    lengths[-1] = max_length
     return np.clip(lengths, 8, max_length).astype(int)
 
 
