@@ -26,8 +26,8 @@ def _masked_softmax_attention(
     dropout_rate: float,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
-    # Scaling q (not the scores) touches L x head_dim values instead of L x L; exact for
-    # power-of-two head_dim (64 in XLM-R).
+    # Scaling q (not the scores) touches L x head_dim values instead of L x L; exact when
+    # sqrt(head_dim) is a power of two (64 in XLM-R).
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     # transformers' additive mask: padded keys get the float32 minimum (an all-padding row ends
@@ -36,8 +36,8 @@ def _masked_softmax_attention(
     scores = scores + bias[:, None, None, :]
     # Softmax with the normalisation after the value product, in [batch, heads, L, head_dim]
     # layout: dividing L x head_dim values instead of L x L made attention 4x faster on CPU
-    # (tools/benchmark.py). Dropout is elementwise, so it commutes with the normalisation; the max
-    # shift cancels mathematically, so its gradient is dropped.
+    # (batch 32, 256 tokens, 12 heads). Dropout is elementwise, so it commutes with the
+    # normalisation; the max shift cancels mathematically, so its gradient is dropped.
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
     total = weights.sum(-1, keepdims=True)
     weights = dropout(weights, dropout_rate, dropout_rng).astype(v.dtype)
