@@ -126,6 +126,17 @@ def corpus_lengths(num_texts: int, max_length: int, seed: int) -> np.ndarray:
     return np.clip(lengths, 8, max_length).astype(int)
 
 
+def token_lengths(tokenizer, texts: list[str], max_length: int) -> list[int]:
+    return [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+
+
+def warm_then_time(run, repeats: int):
+    """(output of a first, warm-up call, its seconds, fastest of `repeats` further calls)."""
+    start = time.perf_counter()
+    output = run()
+    return output, time.perf_counter() - start, timed(run, repeats)
+
+
 def peak_memory_bytes(backend_device=None) -> int:
     """Peak device memory on accelerators, else the process's peak resident memory."""
     if backend_device is not None and backend_device.platform != "cpu":
@@ -169,14 +180,9 @@ def encode_m3_jax(args, config, params, tokenizer, texts: list[str], out: Path) 
     kw = dict(
         max_length=args.max_length, return_dense=True, return_sparse=True, return_colbert_vecs=True
     )
-    start = time.perf_counter()
-    dense = embedder.encode(texts, **kw)["dense_vecs"]
-    first_call = time.perf_counter() - start
-    seconds = timed(lambda: embedder.encode(texts, **kw), args.repeats)
-    np.save(out / "dense.npy", dense)
-    lengths = [
-        len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    ]
+    output, first_call, seconds = warm_then_time(lambda: embedder.encode(texts, **kw), args.repeats)
+    np.save(out / "dense.npy", output["dense_vecs"])
+    lengths = token_lengths(tokenizer, texts, args.max_length)
     plan = plan_batches(lengths, embedder.bucket_spec, args.max_length)
     shapes = list(dict.fromkeys(b.shape for b in plan))  # first-dispatch order = compile order
     return {
@@ -200,11 +206,8 @@ def encode_torch(args, config, params, tokenizer, texts: list[str], out: Path) -
     run = lambda: torch_encode(  # noqa: E731
         model, colbert_linear, sparse_linear, tokenizer, texts, args.batch_size, args.max_length
     )
-    start = time.perf_counter()
-    dense = run()[0]
-    first_call = time.perf_counter() - start
-    seconds = timed(run, args.repeats)
-    np.save(out / "dense.npy", dense)
+    output, first_call, seconds = warm_then_time(run, args.repeats)
+    np.save(out / "dense.npy", output[0])
     return {
         "seconds": seconds,
         "warmup_seconds": first_call,
@@ -261,9 +264,7 @@ def child_args(args) -> list[str]:
 def run_encode(args, work: Path, config, tokenizer, peak_flops: float) -> dict:
     texts = texts_of_lengths(corpus_lengths(args.num_texts, args.max_length, args.seed), args.seed)
     (work / "texts.json").write_text(json.dumps(texts))
-    lengths = [
-        len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    ]
+    lengths = token_lengths(tokenizer, texts, args.max_length)
     useful_flops = sum(n * forward_flops_per_token(config, n) for n in lengths)
     commands = {}
     for side in args.sides.split(","):
