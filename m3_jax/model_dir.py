@@ -6,6 +6,7 @@ This is what `tools/convert_from_pytorch.py` and training exports write, and wha
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,17 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+@functools.lru_cache(maxsize=16)
+def abstract_param_state(config: ModelConfig) -> nnx.State:
+    """The nnx.Param state of an abstract `M3Model(config)`: shapes, dtypes and sharding metadata.
+    Cached, since tracing the full model takes seconds; callers derive new trees from it."""
+    abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
+    return nnx.state(abstract, nnx.Param)
+
+
 def abstract_params(config: ModelConfig) -> Params:
     """The params pytree of `M3Model(config)` as ShapeDtypeStructs, without allocating it."""
-    abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return nnx.to_pure_dict(abstract_param_state(config))
 
 
 def check_params(params: Params, config: ModelConfig, source: str) -> None:

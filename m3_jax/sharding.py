@@ -136,13 +136,11 @@ def initialize_distributed(
 
 def logical_axes(config: ModelConfig) -> Any:
     """The params pytree of `M3Model(config)` with each leaf replaced by its logical axis names."""
-    from m3_jax.model import M3Model  # the model imports constrain_batch from here
+    from m3_jax.model_dir import abstract_param_state  # it imports the model, which imports us
 
-    abstract = nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param)
     names = jax.tree.map(
         lambda v: tuple(v.get_metadata()["out_sharding"]),
-        state,
+        abstract_param_state(config),
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     return nnx.to_pure_dict(names)

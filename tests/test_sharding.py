@@ -145,7 +145,7 @@ def test_optimizer_state_mirrors_param_shardings():
     mesh = sharding.make_mesh(2, 2, 2)
     tx, _ = make_optimizer(OptimConfig(), 10, abstract_params(CFG))
     layout = sharded.state_shardings(CFG, tx, mesh, sharding.FSDP_RULES)
-    adam = layout.opt_state[1][0]
+    adam = layout.opt_state[1]  # (clip, scale_by_adam, add_decayed_weights)
     assert jax.tree.structure(adam.mu) == jax.tree.structure(layout.params)
     for moment in (adam.mu, adam.nu):
         for got, want in zip(jax.tree.leaves(moment), jax.tree.leaves(layout.params), strict=True):
@@ -196,16 +196,15 @@ def test_sharded_train_step_equals_single_device_step(params, batch):
     mesh = sharding.make_mesh(1, 4, 2)
     layout = sharded.state_shardings(CFG, tx, mesh, sharding.FSDP_RULES)
     state = sharded.initial_state(sharding.put_global(params, layout.params), tx, 0, layout)
-    step_fn = sharded.jit_train_step(graphdef_of(CFG), tx, schedule, STEP, layout, mesh)
+    step_fn = sharded.jit_train_step(graphdef_of(CFG), tx, STEP, layout, mesh)
+    lr = np.float32(schedule(0))
     with jax.set_mesh(mesh):
         new_state, metrics = step_fn(
-            state, sharding.put_global(batch, sharding.batch_sharding(mesh))
+            state, sharding.put_global(batch, sharding.batch_sharding(mesh)), lr
         )
     assert state.params["sparse_linear"]["kernel"].is_deleted()  # donated
-    plain = functools.partial(
-        train_step, graphdef=graphdef_of(CFG), tx=tx, schedule=schedule, config=STEP
-    )
-    want_state, want_metrics = jax.jit(plain)(init_state(params, tx, 0), batch)
+    plain = functools.partial(train_step, graphdef=graphdef_of(CFG), tx=tx, config=STEP)
+    want_state, want_metrics = jax.jit(plain)(init_state(params, tx, 0), batch, lr)
     np.testing.assert_allclose(metrics["loss/loss"], want_metrics["loss/loss"], rtol=1e-5)
     assert_trees_close(new_state.params, want_state.params, rtol=1e-5)
     for leaf, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(layout), strict=True):

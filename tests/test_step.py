@@ -24,6 +24,7 @@ from m3_jax.model.m3 import M3Model
 from m3_jax.tiny import random_params
 from m3_jax.training.optim import (
     OptimConfig,
+    apply_update,
     decay_mask,
     learning_rate_schedule,
     make_optimizer,
@@ -174,15 +175,16 @@ def jit_train_step(model_config, step_config, optim_config=None):
     tx, schedule = make_optimizer(optim_config, 100, params)
     step_fn = jax.jit(
         functools.partial(
-            train_step,
-            graphdef=graphdef_of(model_config),
-            tx=tx,
-            schedule=schedule,
-            config=step_config,
+            train_step, graphdef=graphdef_of(model_config), tx=tx, config=step_config
         ),
         donate_argnums=0,
     )
     return step_fn, init_state(params, tx, seed=0), schedule
+
+
+def scheduled_lr(schedule, state) -> np.float32:
+    """The lr input the training loop gives `train_step` at `state`'s step."""
+    return np.float32(schedule(int(state.step)))
 
 
 DENSE_LOSS = dataclasses.replace(LOSS, unified=False)  # cheaper to compile than the full objective
@@ -198,7 +200,7 @@ def train_runs():
     donated = state
     batch_b = make_batch(2, 2, G, 16, 16)
     for batch in (BATCH_A,) * 6 + (batch_b, BATCH_A, batch_b):
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, scheduled_lr(schedule, state))
         out.metrics.append(metrics)
         out.sizes.append(step_fn._cache_size())
     out.donated_deleted = all(x.is_deleted() for x in jax.tree.leaves(donated.params))
@@ -243,9 +245,10 @@ def test_bf16_compute_train_step(train_runs):
 
 
 def test_dropout_is_deterministic_from_state_and_step():
-    step_fn, state0, _ = jit_train_step(CFG, StepConfig(DENSE_LOSS, dropout=True))
-    first, first_metrics = step_fn(copy_tree(state0), BATCH_A)
-    again, again_metrics = step_fn(copy_tree(state0), BATCH_A)
+    step_fn, state0, schedule = jit_train_step(CFG, StepConfig(DENSE_LOSS, dropout=True))
+    lr = scheduled_lr(schedule, state0)
+    first, first_metrics = step_fn(copy_tree(state0), BATCH_A, lr)
+    again, again_metrics = step_fn(copy_tree(state0), BATCH_A, lr)
     assert tree_max_abs_diff(again.params, first.params) == 0.0
     for name, value in first_metrics.items():
         np.testing.assert_array_equal(again_metrics[name], value, err_msg=name)
@@ -254,10 +257,10 @@ def test_dropout_is_deterministic_from_state_and_step():
     # loss differs; so does the dropout mask at another step or with another seed.
     _, no_dropout_parts, *_ = loss_grads_outputs(None)
     assert abs(loss - float(no_dropout_parts["dense"])) > 1e-4
-    _, other_step = step_fn(copy_tree(state0.replace(step=jnp.int32(1))), BATCH_A)
+    _, other_step = step_fn(copy_tree(state0.replace(step=jnp.int32(1))), BATCH_A, lr)
     assert abs(float(other_step["loss/loss"]) - loss) > 1e-4
     reseeded = state0.replace(rng=jax.random.key_data(jax.random.key(1)))
-    _, other_seed = step_fn(copy_tree(reseeded), BATCH_A)
+    _, other_seed = step_fn(copy_tree(reseeded), BATCH_A, lr)
     assert abs(float(other_seed["loss/loss"]) - loss) > 1e-4
 
 
@@ -287,17 +290,12 @@ def _random_grads(params, seed):
 
 
 def _run_optimizer(config: OptimConfig, params, steps: int = 3, total_steps: int = 10):
-    tx, _ = make_optimizer(config, total_steps, params)
+    tx, schedule = make_optimizer(config, total_steps, params)
     opt_state = tx.init(params)
-
-    @jax.jit
-    def update(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
+    update = jax.jit(functools.partial(apply_update, tx))
     new = params
-    for seed in range(steps):
-        new, opt_state = update(new, opt_state, _random_grads(params, seed))
+    for step in range(steps):
+        new, opt_state = update(_random_grads(params, step), opt_state, new, schedule(step))
     return new
 
 
@@ -321,8 +319,7 @@ def test_weight_decay_skips_bias_and_scale():
     config = OptimConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, max_grad_norm=0.0)
     tx, _ = make_optimizer(config, 10, params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-    new = optax.apply_updates(params, updates)
+    new, _ = jax.jit(functools.partial(apply_update, tx))(zeros, tx.init(params), params, 0.1)
     mask = decay_mask(params)
     for (path, old), updated, decays in zip(
         jax.tree_util.tree_leaves_with_path(params),
@@ -382,28 +379,26 @@ def test_learning_rate_schedule(warmup_ratio, warmup_steps):
 
 
 def test_optimizer_applies_the_schedule():
-    """With a constant gradient Adam's update is −lr_t·g/(|g| + eps): the schedule's value."""
+    """With a constant gradient Adam's step is −lr_t·g/(|g| + eps) = −lr_t: the schedule's value."""
     params = {"encoder": {"w": {"kernel": jnp.zeros((3,))}}}
     config = OptimConfig(lr=0.1, warmup_steps=4, weight_decay=0.0, eps=1e-12)
     tx, schedule = make_optimizer(config, 12, params)
     opt_state = tx.init(params)
     grads = {"encoder": {"w": {"kernel": jnp.ones((3,))}}}
-    update = jax.jit(tx.update)
+    update = jax.jit(functools.partial(apply_update, tx))
     for step in range(14):
-        updates, opt_state = update(grads, opt_state, params)
-        expected = -_expected_lr(step, 0.1, 4, 12)
-        np.testing.assert_allclose(
-            updates["encoder"]["w"]["kernel"], expected, rtol=1e-4, atol=1e-9
-        )
-        assert float(schedule(step)) == pytest.approx(-expected, rel=1e-6, abs=1e-9)
+        expected = _expected_lr(step, 0.1, 4, 12)
+        assert schedule(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        new, opt_state = update(grads, opt_state, params, schedule(step))
+        np.testing.assert_allclose(new["encoder"]["w"]["kernel"], -expected, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0, 10.0])
 def test_gradient_clipping(max_grad_norm):
     """With eps ≫ |g|, Adam's first update is −lr·g/eps, so its norm shows the clipped gradient."""
-    params = {
-        "encoder": {"a": {"kernel": jnp.ones((40, 3))}},
-        "sparse_linear": {"bias": jnp.ones(7)},
+    params = {  # zeros: the new params are the update itself, without rounding against 1
+        "encoder": {"a": {"kernel": jnp.zeros((40, 3))}},
+        "sparse_linear": {"bias": jnp.zeros(7)},
     }
     lr, eps = 1e-2, 1e4
     config = OptimConfig(
@@ -412,7 +407,7 @@ def test_gradient_clipping(max_grad_norm):
     tx, _ = make_optimizer(config, 10, params)
     grads = _random_grads(params, 0)
     grads = jax.tree.map(lambda g: g * (5.0 / optax.tree.norm(grads)), grads)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    norm = float(optax.tree.norm(updates)) * eps / lr
+    new, _ = jax.jit(functools.partial(apply_update, tx))(grads, tx.init(params), params, lr)
+    norm = float(optax.tree.norm(new)) * eps / lr
     expected = 5.0 if max_grad_norm <= 0 else min(5.0, max_grad_norm)
     assert norm == pytest.approx(expected, rel=1e-3)

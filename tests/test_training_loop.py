@@ -181,9 +181,10 @@ def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_
     assert float(np.asarray(best["sparse_linear"]["bias"]).sum()) == pytest.approx(seen[1])
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/score" in r]
-    assert [r["step"] for r in evals] == [2]
-    assert 0 < evals[0]["eval/dev_loss/loss"] < 100
+    assert [(r["step"], r["eval/score"]) for r in evals] == [(0, 0.1), (2, 0.9), (4, 0.5)]
+    assert 0 < evals[1]["eval/dev_loss/loss"] < 100
     assert summary["eval_before"]["dev_loss/loss"] > summary["eval_after"]["dev_loss/loss"]
+    assert summary["eval_after"]["dev_loss/loss"] == evals[2]["eval/dev_loss/loss"]
     assert (tmp_path / "run/model_info/m3_jax_config.json").is_file()
 
 

@@ -65,6 +65,7 @@ from m3_jax.model_dir import model_from_params
 from m3_jax.tiny import random_params, synthetic_corpus, train_tokenizer
 from m3_jax.tokenization import load_tokenizer
 from m3_jax.training.optim import OptimConfig, make_optimizer
+from m3_jax.training.sharded import LR_SPEC
 from m3_jax.training.state import init_state
 from m3_jax.training.step import StepConfig, train_step
 
@@ -410,7 +411,6 @@ def jax_trainer(config, params, batch, loss_config, optim_config, total_steps):
             train_step,
             graphdef=graphdef,
             tx=tx,
-            schedule=schedule,
             config=StepConfig(loss_config, dropout=False),
         ),
         donate_argnums=0,
@@ -418,12 +418,15 @@ def jax_trainer(config, params, batch, loss_config, optim_config, total_steps):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     state = init_state(params, tx, seed=0)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch, LR_SPEC).compile()
     compile_s = time.perf_counter() - start
 
+    done = 0  # updates applied: the schedule's step
+
     def step():
-        nonlocal state
-        state, metrics = compiled(state, batch)
+        nonlocal state, done
+        state, metrics = compiled(state, batch, np.float32(schedule(done)))
+        done += 1
         return metrics["loss/loss"]
 
     return step, lambda: jax.block_until_ready(state), compile_s

@@ -64,14 +64,14 @@ def random_batch(rng, queries, group, q_len, p_len, vocab) -> dict[str, np.ndarr
     return dict(query_ids=q_ids, query_mask=q_mask, passage_ids=p_ids, passage_mask=p_mask)
 
 
-def step_rows(args, config, tx, schedule) -> dict:
+def step_rows(args, config, tx) -> dict:
     mesh = sharding.make_mesh(1, -1, 1)
     shards = sharding.data_parallel_size(mesh)
     loss = LossConfig(group_size=args.group_size, num_shards=shards)
     step_config = StepConfig(loss, args.sub_batch_size, dropout=False, data_shards=shards)
     layout = sharded.state_shardings(config, tx, mesh, sharding.FSDP_RULES)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0))))
-    step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
+    step_fn = sharded.jit_train_step(graphdef, tx, step_config, layout, mesh)
     shape = (args.queries, args.query_length, args.passage_length)
     batch_spec = sharded.batch_spec(shape, args.group_size, with_teacher=False)
     state_spec = sharded.with_shardings(
@@ -79,7 +79,7 @@ def step_rows(args, config, tx, schedule) -> dict:
     )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step_fn.lower(state_spec, batch_spec).compile()
+        compiled = step_fn.lower(state_spec, batch_spec, sharded.LR_SPEC).compile()
     out = {"compile_seconds": time.perf_counter() - start}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -95,12 +95,13 @@ def step_rows(args, config, tx, schedule) -> dict:
         rng = np.random.default_rng(0)
         host = random_batch(rng, *shape[:1], args.group_size, *shape[1:], config.vocab_size)
         batch = sharding.put_global(host, sharding.batch_sharding(mesh))
-        state, metrics = compiled(state, batch)
+        lr = np.float32(1e-5)
+        state, metrics = compiled(state, batch, lr)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(args.time):
             start = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, lr)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         peak = flops.measure_matmul_peak(4096, dtype=config.dtype) * jax.device_count()
@@ -136,7 +137,7 @@ def main() -> None:
         remat=args.remat,
         scan_layers=args.scan_layers,
     )
-    tx, schedule = make_optimizer(OptimConfig(), 1000, abstract_params(config))
+    tx, _ = make_optimizer(OptimConfig(), 1000, abstract_params(config))
     meshes = [tuple(int(x) for x in m.split(",")) for m in (args.mesh or ["1,4,1", "1,16,1"])]
     result: dict = {"geometry": args.geometry, "memory": memory_rows(config, tx, meshes)}
     print(f"{args.geometry}: params + AdamW state per device (fp32), FSDP rules")
@@ -148,7 +149,7 @@ def main() -> None:
             f"{r['opt_state'] / GIB:.3f} | {total:.3f}"
         )
     if args.flops or args.time:
-        s = step_rows(args, config, tx, schedule)
+        s = step_rows(args, config, tx)
         result["step"] = s
         print(
             f"one train step, B={args.queries} G={args.group_size} Lq={args.query_length} "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -166,10 +167,16 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
     mesh = mesh_from_config(cfg)
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     settings = loader_settings(cfg, mesh)
-    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    loader = TrainLoader(records, tokenizer, settings, **hosts)
+    loader_args = dict(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        progress=None if show else False,  # None: a bar while measuring > 10k texts
+    )
+    loader = TrainLoader(records, tokenizer, settings, **loader_args)
     dev_loader = (
-        None if dev_records is None else TrainLoader(dev_records, tokenizer, settings, **hosts)
+        None
+        if dev_records is None
+        else TrainLoader(dev_records, tokenizer, settings, **loader_args)
     )
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * loader.steps_per_epoch
     if loader.num_unused_examples:
@@ -227,13 +234,13 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
     # Compile every bucket up front.
     with_teacher = cfg.data.knowledge_distillation
     state_spec = jax.eval_shape(lambda s: s, state)
-    step_fn = sharded.jit_train_step(graphdef, tx, schedule, step_config, layout, mesh)
+    step_fn = sharded.jit_train_step(graphdef, tx, step_config, layout, mesh)
     compiled, compile_seconds = {}, {}
     with jax.set_mesh(mesh):
         for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not show):
             start = time.perf_counter()
             spec = sharded.batch_spec(shape, cfg.data.group_size, with_teacher)
-            compiled[shape] = step_fn.lower(state_spec, spec).compile()
+            compiled[shape] = step_fn.lower(state_spec, spec, sharded.LR_SPEC).compile()
             compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
         eval_step = sharded.jit_eval_step(graphdef, step_config, layout, mesh)
     summary: dict[str, Any] = {"compile_seconds": compile_seconds}
@@ -248,8 +255,12 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         eval_fn = None
     evaluating = eval_fn is not None or dev_loader is not None
 
-    def evaluate(step: int) -> dict[str, float]:
-        """Dev loss and eval_fn's metrics of the current params."""
+    best = BestParams(workdir / BEST_DIR, cfg.eval.metric, cfg.eval.mode) if evaluating else None
+    writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
+
+    def evaluate(step: int, host_params: Params | None = None) -> dict[str, float]:
+        """Dev loss and eval_fn's metrics of the current params (`host_params`, when already
+        gathered), written as eval/ rows of metrics.jsonl and offered to best/."""
         metrics = {}
         if dev_loader is not None:
             with jax.set_mesh(mesh):
@@ -257,16 +268,18 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         if eval_fn is not None:
             metrics.update(eval_fn(model_config, state.params, tokenizer_dir))
         log.info("evaluation at step %d: %s", step, metrics)
+        if writer is not None:
+            writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if host_params is None:
+            host_params = gather(state.params)
+        best.offer(step, metrics, model_config, host_params, tokenizer_dir)
         return metrics
 
-    best = BestParams(workdir / BEST_DIR, cfg.eval.metric, cfg.eval.mode) if evaluating else None
     step = int(state.step)
     if evaluating and cfg.eval.before_training and step == 0:
         summary["eval_before"] = evaluate(0)
-        best.offer(0, summary["eval_before"], model_config, gather(state.params), tokenizer_dir)
 
     peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
-    writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
     stop = StopSignal()
     batch_layout = sharding.batch_sharding(mesh)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
@@ -282,7 +295,7 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
                 host_batch["passage_ids"].shape[1],
             )
             batch = to_global_batch(host_batch, batch_layout)
-            state, metrics = compiled[shape](state, batch)
+            state, metrics = compiled[shape](state, batch, np.float32(schedule(step)))
             metrics = jax.device_get(metrics)
             step += 1
             progress.update()
@@ -304,23 +317,23 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
                         f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
                     )
                 window, window_start = [], time.perf_counter()
+            pause_start = time.perf_counter()  # evaluations and saves count in no throughput
             if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                scores = evaluate(step)
-                if writer is not None:
-                    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
-                if best is not None:
-                    best.offer(step, scores, model_config, gather(state.params), tokenizer_dir)
+                evaluate(step)
             stopping = stop.agreed()
             if step % cfg.train.save_every == 0 or step == total_steps or stopping:
                 checkpoint.save(manager, step, state, loader_json(position, loader, mesh))
+            window_start += time.perf_counter() - pause_start
             if stopping:
                 manager.wait_until_finished()
                 raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     finally:
         progress.close()
         stop.restore()
-        if writer is not None:
-            writer.close()
         manager.wait_until_finished()
         manager.close()
 
@@ -331,9 +344,9 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
     summary.update(final_step=step, export=str(export))
     if evaluating:
-        summary["eval_after"] = evaluate(step)
-        if best is not None:
-            best.offer(step, summary["eval_after"], model_config, params, tokenizer_dir)
+        summary["eval_after"] = evaluate(step, params)
+    if writer is not None:
+        writer.close()
     if best is not None and best.step is not None:
         summary["best"] = {"step": best.step, cfg.eval.metric: best.value, "dir": str(best.out)}
     if lead:

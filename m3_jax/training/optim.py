@@ -1,9 +1,15 @@
-"""The optax chain: global-norm clipping, AdamW with a linear warm-up/decay schedule, no weight
-decay on biases and LayerNorm, and optionally frozen parameter groups."""
+"""The optax chain: global-norm clipping, AdamW without its learning rate, no weight decay on
+biases and LayerNorm, and optionally frozen parameter groups; and the linear warm-up/decay
+learning-rate schedule, evaluated on the host.
+
+The learning rate is an input of the compiled train step (`train_step(state, batch, lr)`), not a
+schedule inside it: one compiled program serves any `num_steps`, warm-up or peak lr, so a run
+extended on resume, or relaunched with another lr, hits the persistent compilation cache."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import optax
@@ -27,19 +33,22 @@ class OptimConfig:
     fix_position_embedding: bool = False  # freeze encoder/embeddings/position_embeddings
 
 
-def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear 0 → lr over the warm-up, then linear lr → 0 at `total_steps` (HF's "linear")."""
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear 0 → lr over the warm-up, then linear lr → 0 at `total_steps` (HF's "linear"), as
+    a function of the number of updates already applied."""
     warmup = config.warmup_steps
     if warmup is None:
         warmup = int(config.warmup_ratio * total_steps)
     warmup = max(0, min(warmup, total_steps))
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
-            optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1)),
-        ],
-        [warmup],
-    )
+    decay = max(total_steps - warmup, 1)
+
+    def schedule(step: int) -> float:
+        step = int(step)
+        if step < warmup:
+            return config.lr * step / warmup
+        return config.lr * (1.0 - min(step - warmup, decay) / decay)
+
+    return schedule
 
 
 def _path_names(path) -> list[str]:
@@ -69,25 +78,30 @@ def trainable_labels(params: Params, config: OptimConfig) -> Params:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def apply_update(
+    tx: optax.GradientTransformation,
+    grads: Params,
+    opt_state: optax.OptState,
+    params: Params,
+    lr: jax.Array | float,
+) -> tuple[Params, optax.OptState]:
+    """(params − lr · tx's update, tx's new state): one AdamW step at learning rate `lr`."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates)), opt_state
+
+
 def make_optimizer(
     config: OptimConfig, total_steps: int, params: Params
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(config, total_steps)
+) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    """(tx, schedule): tx's updates are AdamW's before the learning rate, which `apply_update`
+    applies as −schedule(step) · update (optax.adamw's order: Adam, decayed weights, then lr)."""
     chain = []
     if config.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(config.max_grad_norm))
-    chain.append(
-        optax.adamw(
-            schedule,
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            mask=decay_mask,
-        )
-    )
+    chain.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+    chain.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
     tx = optax.chain(*chain)
     labels = trainable_labels(params, config)
     if any(v == "frozen" for v in jax.tree.leaves(labels)):
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, schedule
+    return tx, learning_rate_schedule(config, total_steps)

@@ -73,16 +73,15 @@ def initial_state(
 def jit_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
     config: StepConfig,
     shardings: TrainState,
     mesh: Mesh,
 ) -> Any:
     """`train_step` under `jit` with the state's shardings in and out (donated), batches split
-    over the data-parallel axes, and metrics replicated."""
+    over the data-parallel axes, and the lr and metrics replicated."""
     return jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -97,6 +96,9 @@ def jit_eval_step(
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
+
+
+LR_SPEC = jax.ShapeDtypeStruct((), jnp.float32)  # train_step's learning-rate input
 
 
 def batch_spec(

@@ -20,6 +20,7 @@ from m3_jax.losses import LossConfig, m3_loss
 from m3_jax.model.m3 import M3Output
 from m3_jax.model_dir import Params
 from m3_jax.sharding import constrain_batch
+from m3_jax.training.optim import apply_update
 from m3_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -115,23 +116,23 @@ def loss_fn(
 def train_step(
     state: TrainState,
     batch: Batch,
+    lr: jax.Array,
     *,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
     config: StepConfig,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimizer update; metrics hold every loss part, lr, grad norm and the token count."""
+    """One optimizer update at learning rate `lr` (an input, see `optim`); metrics hold every
+    loss part, lr, grad norm and the token count."""
     rng = None
     if config.dropout:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, parts), grads = grad_fn(state.params, graphdef, batch, state.step, rng, config)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_update(tx, grads, state.opt_state, state.params, lr)
     metrics = {
         **{f"loss/{k}": v for k, v in parts.items()},
-        "lr": schedule(state.step),
+        "lr": lr,
         "grad_norm": optax.tree.norm(grads),
         "tokens": batch["query_mask"].sum() + batch["passage_mask"].sum(),
     }
