@@ -15,8 +15,11 @@ from `RUN/export/`, else from explicit arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -74,6 +77,24 @@ def _int_keys(tree):
     return tree
 
 
+class _NoStepMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist" for an item directory of a training checkpoint
+    (`STEP/state`): the step's metadata lives one level up, and nothing is missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata() -> Iterator[None]:
+    logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def restore_numpy_tree(
     path: str | os.PathLike, config: ModelConfig, subtree: str | None = None
 ) -> Params:
@@ -82,7 +103,8 @@ def restore_numpy_tree(
     path = Path(path).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        tree = checkpointer.metadata(path).item_metadata.tree
+        with _quiet_item_metadata():
+            tree = checkpointer.metadata(path).item_metadata.tree
     except (FileNotFoundError, ValueError) as e:
         raise FileNotFoundError(f"{path}: not a readable orbax checkpoint ({e})") from e
     if subtree is not None:
@@ -96,10 +118,11 @@ def restore_numpy_tree(
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), item
     )
-    restored = checkpointer.restore(
-        path,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-    )
+    with _quiet_item_metadata():
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
     return restored[subtree] if subtree is not None else restored
 
 
