@@ -8,7 +8,7 @@ from flax import nnx
 
 from m3_jax.config import ModelConfig
 from m3_jax.model.attention import attention
-from m3_jax.model.layers import Dense, Embed, LayerNorm, dropout
+from m3_jax.model.layers import Dense, Embed, LayerNorm, dropout, gelu
 from m3_jax.sharding import constrain_batch
 
 
@@ -98,7 +98,7 @@ class EncoderLayer(nnx.Module):
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         attn = self.attention(x, key_mask, rngs[0])
         x = self.attention_layer_norm(x + dropout(attn, self.dropout_rate, rngs[1]))
-        hidden = jax.nn.gelu(self.intermediate(x), approximate=False)
+        hidden = gelu(self.intermediate(x))
         return self.output_layer_norm(x + dropout(self.output(hidden), self.dropout_rate, rngs[2]))
 
 
