@@ -27,5 +27,4 @@ def get_config(arg: str | None = None) -> "base.ConfigDict":
     c.train.save_every = 200
     c.eval.heldout_file = "train/demo_data/heldout.jsonl"
     c.eval.corpus_file = "train/demo_data/heldout_corpus.jsonl"
-    c.eval.metric = "all_ndcg@10"  # evaluate_heldout's names
     return c

@@ -1,4 +1,5 @@
-"""Fine-tune BGE-M3 on a TPU v4 slice with the paper's unified recipe (M3_SPEC §5, §11.2).
+"""Fine-tune BGE-M3 on a TPU v4 slice with the paper's unified recipe (self-knowledge distillation
+over the dense, sparse and colbert heads; 1 positive + 7 mined negatives per query).
 
     python tools/convert_from_pytorch.py BAAI/bge-m3 checkpoints/bge-m3
     python train/main.py --config configs/tpu_v4.py --config.data.train_files=data/

@@ -12,8 +12,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-STATE = "state"
-LOADER = "loader"
+from m3_jax.run_dir import LOADER_ITEM as LOADER
+from m3_jax.run_dir import STATE_ITEM as STATE
 
 
 def make_manager(

@@ -10,7 +10,6 @@ import collections
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,10 +19,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m3_jax import scores
-from m3_jax.bucketing import Batch, BucketSpec, bucket_length, pad_batch, plan_batches
+from m3_jax.bucketing import Batch, BucketSpec, bucket_length, lengths_up_to, plan_batches
 from m3_jax.config import ModelConfig
-from m3_jax.model import M3Model
-from m3_jax.model_dir import is_model_dir, load_model_dir, model_from_params
+from m3_jax.loading import load_params
+from m3_jax.model import M3Model, model_from_params
 from m3_jax.tokenization import (
     check_tokenizer_matches,
     insert_mcls,
@@ -35,7 +34,7 @@ from m3_jax.tokenization import (
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("dense", "sparse", "colbert")
-SCORE_MODES = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+DEFAULT_BATCH_SIZE = 256  # FlagEmbedding v1.3+'s
 # Show a progress bar once an input needs more than this many batches.
 PROGRESS_MIN_BATCHES = 4
 DEFAULT_MAX_LENGTH = 512
@@ -53,7 +52,7 @@ class M3Embedder:
         model: M3Model,
         tokenizer: Any,
         *,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
         bucket_lengths: Sequence[int] | None = None,
@@ -94,7 +93,9 @@ class M3Embedder:
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> M3Embedder:
-        """Loads an m3_jax model directory, a BGE-M3 PyTorch directory, or a hub id (`BAAI/bge-m3`).
+        """Loads anything `m3_jax.loading.load_params` reads: an m3_jax model directory, a
+        training run (its newest checkpoint), a BGE-M3 PyTorch directory, or a hub id
+        (`BAAI/bge-m3`).
 
         dtype: compute dtype ("float32" default; "bfloat16" on accelerators); params stay float32.
         attention_impl: "xla", "chunked", "cudnn" (GPU) or "splash" (TPU); see ModelConfig.
@@ -106,19 +107,12 @@ class M3Embedder:
             overrides["dtype"] = dtype
         if attention_impl is not None:
             overrides["attention_impl"] = attention_impl
-        path = Path(model_name_or_path).expanduser()
-        if is_model_dir(path):
-            config, params = load_model_dir(path, **overrides)
-            tokenizer_dir = path
-        else:
-            from m3_jax.convert.from_torch import load_bge_m3
-
-            config, params, tokenizer_dir = load_bge_m3(
-                model_name_or_path, fresh_heads=fresh_heads, cache_dir=cache_dir, **overrides
-            )
-        tokenizer = load_tokenizer(tokenizer_dir)
-        check_tokenizer_matches(tokenizer, config, tokenizer_dir)
-        return cls(model_from_params(config, params), tokenizer, **kwargs)
+        loaded = load_params(
+            model_name_or_path, fresh_heads=fresh_heads, cache_dir=cache_dir, **overrides
+        )
+        tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        check_tokenizer_matches(tokenizer, loaded.config, loaded.tokenizer_dir)
+        return cls(model_from_params(loaded.config, loaded.params), tokenizer, **kwargs)
 
     # Jitted programs ----------------------------------------------------------------------------
 
@@ -231,7 +225,7 @@ class M3Embedder:
         colbert: list[np.ndarray | None] = [None] * n
 
         def dispatch(batch: Batch):
-            ids, mask = pad_batch(token_ids, batch, self.config.pad_token_id)
+            ids, mask = batch.pad(token_ids, self.config.pad_token_id)
             pool = None if mcls_interval is None else jnp.asarray((ids == cls_id) & (mask == 1))
             return self._forward(self._state, ids, mask, pool, outputs), ids
 
@@ -323,12 +317,15 @@ class M3Embedder:
         p_tokens = tokenize(self.tokenizer, passages, p_max)
 
         spec = self._spec(batch_size)
-        q_buckets, p_buckets = spec.lengths_up_to(q_max), spec.lengths_up_to(p_max)
+        q_buckets, p_buckets = (
+            lengths_up_to(spec.lengths, q_max),
+            lengths_up_to(spec.lengths, p_max),
+        )
         pad = self.config.pad_token_id
 
         def side(tokens: list[list[int]], batch: Batch, buckets: tuple[int, ...]):
             length = bucket_length(max(len(tokens[i]) for i in batch.indices), buckets)
-            return pad_batch(tokens, Batch(batch.indices, batch.rows, length), pad)
+            return Batch(batch.indices, batch.rows, length).pad(tokens, pad)
 
         def dispatch(batch: Batch):
             q_ids, q_mask = side(q_tokens, batch, q_buckets)
@@ -354,7 +351,8 @@ class M3Embedder:
                 [raw["dense"], raw["sparse"], raw["colbert"]], weights
             ),
         }
-        out = {mode: [float(x) for x in combined[mode]] for mode in SCORE_MODES}
+        # FlagEmbedding's key order.
+        out = {mode: [float(x) for x in values] for mode, values in combined.items()}
         if single:
             return {mode: values[0] for mode, values in out.items()}
         return out

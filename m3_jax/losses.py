@@ -1,4 +1,4 @@
-"""The M3 training objective (M3_SPEC §5), as pure functions over score matrices.
+"""The M3 training objective, as pure functions over score matrices.
 
 Notation: B queries, G passages per query (1 positive then G-1 negatives), passages laid out
 [q0: pos, neg, ..., q1: pos, neg, ...]. With in-batch negatives a score matrix is [B, B*G] and the
@@ -8,19 +8,13 @@ to these functions are already divided by the temperature.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
 from m3_jax import scores
-from m3_jax.model.m3 import M3Output
-
-KDLossType = Literal["m3_kd_loss", "kl_div"]
-ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)  # dense, sparse, colbert inside s_inter
-LOSS_WEIGHTS = (1.0, 0.1, 1.0)  # λ for the dense, sparse and colbert losses
+from m3_jax.config import LossConfig
+from m3_jax.config.run import KDLossType
+from m3_jax.model import M3Output
 
 
 def positive_columns(batch_size: int, group_size: int, in_batch_negatives: bool) -> jax.Array:
@@ -97,16 +91,6 @@ def contrastive_loss(
     raise ValueError(f"kd_loss_type={kd_loss_type!r}; expected 'm3_kd_loss' or 'kl_div'")
 
 
-def ensemble_scores(
-    dense: jax.Array,
-    sparse: jax.Array,
-    colbert: jax.Array,
-    weights: Sequence[float] = ENSEMBLE_WEIGHTS,
-) -> jax.Array:
-    """s_inter = w1·s_dense + w2·s_lex + w3·s_mul (unnormalised; temperature-scaled inputs)."""
-    return weights[0] * dense + weights[1] * sparse + weights[2] * colbert
-
-
 def self_distill_loss(student_scores: jax.Array, ensemble: jax.Array) -> jax.Array:
     """L' for one head: soft cross-entropy against softmax(stop_gradient(s_inter))."""
     teacher = jax.nn.softmax(jax.lax.stop_gradient(ensemble).astype(jnp.float32), axis=-1)
@@ -117,21 +101,20 @@ def unified_loss(
     dense_scores: jax.Array,
     sparse_scores: jax.Array | None,
     colbert_scores: jax.Array | None,
+    config: LossConfig,
     *,
     group_size: int,
     teacher_scores: jax.Array | None = None,
-    self_distill: bool | jax.Array = True,
-    kd_loss_type: KDLossType = "m3_kd_loss",
-    in_batch_negatives: bool = True,
-    ensemble_weights: Sequence[float] = ENSEMBLE_WEIGHTS,
-    loss_weights: Sequence[float] = LOSS_WEIGHTS,
+    self_distill: bool | jax.Array | None = None,
     dense_loss: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The M3 objective over one set of local score matrices.
+    """The M3 objective over one set of local score matrices, weighted and with negatives as
+    `config` says (its temperature is already applied to the scores).
 
     L  = (λ1·L_dense + L_inter + λ2·L_lex + λ3·L_mul) / 4
     L' = (λ1·L'_dense + λ2·L'_lex + λ3·L'_mul) / 3, self-distillation from s_inter
-    loss = (L + L') / 2 when `self_distill` (a bool or a traced bool, e.g. step > start), else L.
+    loss = (L + L') / 2 when `self_distill` (a bool or a traced bool, e.g. step > start; None:
+    `config.self_distill`), else L.
     With sparse_scores and colbert_scores None (unified fine-tuning off): loss = L_dense.
 
     teacher_scores: raw [B, G] reranker scores; their softmax (no temperature) replaces the hard
@@ -142,9 +125,13 @@ def unified_loss(
     teacher_probs = None
     if teacher_scores is not None:
         teacher_probs = jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
+    if self_distill is None:
+        self_distill = config.self_distill
 
     def head_loss(scores):
-        return contrastive_loss(scores, group_size, in_batch_negatives, teacher_probs, kd_loss_type)
+        return contrastive_loss(
+            scores, group_size, config.in_batch_negatives, teacher_probs, config.kd_loss_type
+        )
 
     l_dense = head_loss(dense_scores) if dense_loss is None else dense_loss
     if sparse_scores is None and colbert_scores is None:
@@ -152,14 +139,17 @@ def unified_loss(
     if sparse_scores is None or colbert_scores is None:
         raise ValueError("unified fine-tuning needs both sparse_scores and colbert_scores")
 
-    inter = ensemble_scores(dense_scores, sparse_scores, colbert_scores, ensemble_weights)
+    # s_inter = w1·s_dense + w2·s_lex + w3·s_mul, unnormalised (the scores are already over τ).
+    inter = scores.weighted_sum(
+        [dense_scores, sparse_scores, colbert_scores], config.ensemble_weights, normalize=False
+    )
     parts = {
         "dense": l_dense,
         "sparse": head_loss(sparse_scores),
         "colbert": head_loss(colbert_scores),
         "ensemble": head_loss(inter),
     }
-    w_dense, w_sparse, w_colbert = loss_weights
+    w_dense, w_sparse, w_colbert = config.loss_weights
     loss = (
         w_dense * parts["dense"]
         + parts["ensemble"]
@@ -186,24 +176,6 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
 
 
 # Model-level objective ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Objective settings (M3_SPEC §5.4 names in comments)."""
-
-    group_size: int = 8  # train_group_size
-    temperature: float = 0.02  # temperature
-    unified: bool = True  # unified_finetuning: sparse + colbert + ensemble; else dense only
-    self_distill: bool = True  # use_self_distill
-    self_distill_start_step: int = -1  # self-distillation active when step > this
-    kd_loss_type: KDLossType = "m3_kd_loss"  # with teacher scores: m3_kd_loss or kl_div
-    in_batch_negatives: bool = True  # False: no_in_batch_neg, each query sees its own group only
-    cross_device_negatives: bool = True  # dense term over the global batch
-    ddp_dense_grad_scale: bool = False  # scale the global dense gradient by 1/shards like DDP
-    num_shards: int = 1  # data-parallel groups; sparse/colbert/ensemble use local groups
-    ensemble_weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS
-    loss_weights: tuple[float, float, float] = LOSS_WEIGHTS
 
 
 def _shards(x: jax.Array, num_shards: int) -> jax.Array:
@@ -233,6 +205,23 @@ def _dense_pair(q: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.dot(q, p, precision=jax.lax.Precision.HIGHEST)
 
 
+def group_size_of(q: M3Output, p: M3Output) -> int:
+    """G, from the static shapes: B queries come with B*G passages."""
+    queries, passages = q.dense.shape[0], p.dense.shape[0]
+    if passages % queries:
+        raise ValueError(f"{passages} passages do not form groups for {queries} queries")
+    return passages // queries
+
+
+def _num_shards(config: LossConfig) -> int:
+    if config.num_shards < 1:
+        raise ValueError(
+            f"loss.num_shards={config.num_shards}: resolve -1 to the data-parallel size before "
+            "computing the loss (the training loop does)"
+        )
+    return config.num_shards
+
+
 def local_score_matrices(
     q: M3Output, p: M3Output, q_ids: jax.Array, p_ids: jax.Array, config: LossConfig
 ) -> dict[str, jax.Array]:
@@ -241,7 +230,8 @@ def local_score_matrices(
     q: outputs for B queries, p: for B*G passages. Returns [W, B/W, B/W*G] matrices ([W, B/W, G]
     without in-batch negatives) for "dense", and for "sparse" and "colbert" when unified.
     """
-    w = config.num_shards
+    w = _num_shards(config)
+    group_size = group_size_of(q, p)
     heads = {"dense": (_dense_pair, (q.dense,), (p.dense,))}
     if config.unified:
         heads["sparse"] = (
@@ -256,7 +246,7 @@ def local_score_matrices(
         )
     out = {}
     for name, (pair_fn, q_args, p_args) in heads.items():
-        fn = _per_shard(pair_fn, len(q_args), config.in_batch_negatives, config.group_size)
+        fn = _per_shard(pair_fn, len(q_args), config.in_batch_negatives, group_size)
         args = [_shards(x, w) for x in (*q_args, *p_args)]
         out[name] = fn(*args) / config.temperature
     return out
@@ -276,7 +266,8 @@ def m3_loss(
     shards (as DDP averages ranks), with the dense term over the global batch when
     `cross_device_negatives` (its gradient scaled by 1/W with `ddp_dense_grad_scale`)."""
     local = local_score_matrices(q, p, q_ids, p_ids, config)
-    w = config.num_shards
+    w = _num_shards(config)
+    group_size = group_size_of(q, p)
     local_teacher = None if teacher_scores is None else _shards(teacher_scores, w)
     dense_loss = None
     if config.cross_device_negatives and config.in_batch_negatives and w > 1:
@@ -285,7 +276,7 @@ def m3_loss(
         if teacher_scores is not None:
             teacher_probs = jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
         dense_loss = contrastive_loss(
-            global_dense, config.group_size, True, teacher_probs, config.kd_loss_type
+            global_dense, group_size, True, teacher_probs, config.kd_loss_type
         )
         if config.ddp_dense_grad_scale:
             dense_loss = scale_gradient(dense_loss, 1.0 / w)
@@ -297,13 +288,10 @@ def m3_loss(
             dense,
             sparse,
             colbert,
-            group_size=config.group_size,
+            config,
+            group_size=group_size,
             teacher_scores=teacher,
             self_distill=distill_on,
-            kd_loss_type=config.kd_loss_type,
-            in_batch_negatives=config.in_batch_negatives,
-            ensemble_weights=config.ensemble_weights,
-            loss_weights=config.loss_weights,
             dense_loss=dense_loss,
         )
 

@@ -1,8 +1,14 @@
-"""Retrieval scores between queries and passages, as pure jnp functions.
+"""Retrieval scores between queries and passages, as pure jnp functions, and the mode names.
 
 Each score is defined once for a single (query, passage) pair; `*_matrix` variants give the
 [num_queries, num_passages] matrix and `*_paired` variants score row i against row i.
 No temperature is applied here (callers divide, as training does).
+
+The five modes, named as FlagEmbedding's `compute_score` names them and used under these names
+by `compute_score`, evaluation, training metrics and the command line:
+- dense, sparse, colbert: one head's score;
+- sparse+dense: (w_d·dense + w_s·sparse) / (w_d + w_s)  (the paper's "Dense+Sparse");
+- colbert+sparse+dense: (w_d·dense + w_s·sparse + w_c·colbert) / Σw  (the paper's "All").
 """
 
 from __future__ import annotations
@@ -11,6 +17,22 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+MODES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+# The paper's names, accepted wherever a mode is given.
+MODE_ALIASES = {"dense+sparse": "sparse+dense", "all": "colbert+sparse+dense"}
+
+
+def canonical_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """The modes named (aliases resolved), in `MODES` order; unknown names are an error."""
+    names = [MODE_ALIASES.get(m.strip(), m.strip()) for m in modes if m.strip()]
+    unknown = sorted(set(names) - set(MODES))
+    if unknown or not names:
+        raise ValueError(
+            f"modes {list(modes)}: expected a non-empty subset of {MODES} "
+            f"(or the aliases {sorted(MODE_ALIASES)})"
+        )
+    return tuple(m for m in MODES if m in names)
 
 
 def _matrix(pair_fn):

@@ -18,29 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m3_jax.config import ModelConfig
+# The default rules live with the other defaults; sharding.FSDP_RULES is the same object.
+from m3_jax.config import FSDP_RULES as FSDP_RULES
+from m3_jax.config import DistributedConfig, MeshConfig, ModelConfig
+from m3_jax.model import abstract_params, logical_axes
+from m3_jax.model.axes import BATCH_AXES, TENSOR_AXIS
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv", "mlp", "colbert")
+MESH_AXES = (*BATCH_AXES, TENSOR_AXIS)
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
-
-FSDP_RULES: tuple[tuple[str, str | None], ...] = (
-    ("vocab", None),  # 250002 rows divide by no device count; the table splits on `embed`
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("colbert", "tensor"),
-)
-
 
 # Mesh --------------------------------------------------------------------------------------------
 
@@ -104,46 +95,37 @@ def make_mesh(
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(config: MeshConfig) -> Mesh:
+    return make_mesh(
+        config.data,
+        config.fsdp,
+        config.tensor,
+        dcn_data=config.dcn_data,
+        dcn_fsdp=config.dcn_fsdp,
+    )
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many blocks the global batch is split into."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def initialize_distributed(
-    coordinator_address: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    local_device_ids: Sequence[int] | None = None,
-) -> None:
+def initialize_distributed(config: DistributedConfig) -> None:
     """`jax.distributed.initialize` for a multi-process run; call it before anything touches a
-    backend. With no arguments JAX detects the cluster itself (TPU pods, SLURM, ...)."""
+    backend. Unset fields (empty, 0, -1) are left to JAX, which detects TPU pods, SLURM, ..."""
     if jax.distributed.is_initialized():
         return
     kwargs: dict[str, Any] = {}
-    if coordinator_address:
-        kwargs["coordinator_address"] = coordinator_address
-    if num_processes > 0:
-        kwargs["num_processes"] = num_processes
-    if process_id >= 0:
-        kwargs["process_id"] = process_id
-    if local_device_ids:
-        kwargs["local_device_ids"] = list(local_device_ids)
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes > 0:
+        kwargs["num_processes"] = config.num_processes
+    if config.process_id >= 0:
+        kwargs["process_id"] = config.process_id
     jax.distributed.initialize(**kwargs)
 
 
 # Logical axes → partition specs ------------------------------------------------------------------
-
-
-def logical_axes(config: ModelConfig) -> Any:
-    """The params pytree of `M3Model(config)` with each leaf replaced by its logical axis names."""
-    from m3_jax.model_dir import abstract_param_state  # it imports the model, which imports us
-
-    names = jax.tree.map(
-        lambda v: tuple(v.get_metadata()["out_sharding"]),
-        abstract_param_state(config),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return nnx.to_pure_dict(names)
 
 
 def _is_axes(x: Any) -> bool:
@@ -184,8 +166,6 @@ def spec_for(
 
 def param_specs(config: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> Any:
     """PartitionSpecs for the params pytree of `M3Model(config)`."""
-    from m3_jax.model_dir import abstract_params
-
     shapes = abstract_params(config)
     return jax.tree.map(
         lambda axes, leaf: spec_for(axes, leaf.shape, rules, mesh_shape),
@@ -235,17 +215,6 @@ def put_global(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree, shardings)
-
-
-def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
-    """Keeps activation `x` split over the data-parallel axes along `batch_axis` when a mesh with
-    those axes is set (`jax.set_mesh`); a no-op otherwise (inference, single device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    spec = [None] * x.ndim
-    spec[batch_axis] = BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 # Memory accounting -------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from m3_jax.config import ModelConfig, tiny
-from m3_jax.model_dir import Params, abstract_params, save_model_dir
+from m3_jax.model import Params, abstract_params
+from m3_jax.run_dir import save_model_dir
+from m3_jax.tokenization import load_tokenizer
 
 SCRIPTS = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
@@ -117,7 +119,5 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, **config_overrides)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer", seed=seed)
-        from m3_jax.tokenization import load_tokenizer
-
         config = tiny(vocab_size=len(load_tokenizer(tokenizer_dir)), **config_overrides)
         return save_model_dir(out, config, random_params(config, seed), tokenizer_dir)

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from m3_jax.config import ModelConfig
 
 TOKENIZER_FILES = (
@@ -18,12 +16,20 @@ TOKENIZER_FILES = (
 )
 
 
+# Either is enough to build the XLM-R tokenizer; the others only refine it.
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_MODEL_FILES)
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A transformers tokenizer from a local directory (tokenizer.json or sentencepiece.bpe.model)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not any((path / name).exists() for name in ("tokenizer.json", "sentencepiece.bpe.model")):
+    if not has_tokenizer(path):
         raise FileNotFoundError(
             f"{path}: no tokenizer found; expected tokenizer.json or sentencepiece.bpe.model"
         )
@@ -103,8 +109,3 @@ def insert_mcls(
         out.append(cls_token_id)
     out.append(eos)
     return out
-
-
-def cls_positions(token_ids: np.ndarray, cls_token_id: int) -> np.ndarray:
-    """Boolean mask of [CLS] positions (for MCLS pooling), same shape as `token_ids`."""
-    return token_ids == cls_token_id

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from m3_jax.config import tiny
+from m3_jax.model import model_from_params
 from m3_jax.model.attention import (
     attention,
     chunked_attention,
@@ -17,7 +18,6 @@ from m3_jax.model.attention import (
     unsupported_reason,
     xla_attention,
 )
-from m3_jax.model_dir import model_from_params
 from m3_jax.tiny import random_params
 
 TOL = dict(rtol=1e-5, atol=1e-6)

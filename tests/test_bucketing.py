@@ -1,11 +1,19 @@
-"""Static-shape batching: plan_batches, bucket_length, BucketSpec and pad_batch."""
+"""Static-shape batching (m3_jax.bucketing): bucket lengths and lookup, padding, plan_batches."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from m3_jax.bucketing import Batch, BucketSpec, bucket_length, pad_batch, plan_batches
+from m3_jax.bucketing import (
+    Batch,
+    BucketSpec,
+    bucket_index,
+    bucket_length,
+    lengths_up_to,
+    pad,
+    plan_batches,
+)
 
 
 def next_pow2(n: int) -> int:
@@ -26,7 +34,6 @@ def check_plan(seq_lengths, spec: BucketSpec, max_length: int, batches) -> None:
     assert in_order == sorted(in_order, reverse=True)
     for k, b in enumerate(batches):
         assert b.length in allowed
-        assert b.shape == (b.rows, b.length)
         cap = max(1, min(spec.batch_size, spec.max_tokens // b.length))
         assert 1 <= len(b.indices) <= b.rows <= cap <= spec.batch_size
         assert b.rows * b.length <= spec.max_tokens or b.rows == 1
@@ -106,10 +113,12 @@ def test_last_batch_rows_padded_to_power_of_two():
 
 def test_max_length_is_the_last_bucket():
     spec = BucketSpec(lengths=(16, 32, 64), batch_size=8, max_tokens=4096)
-    assert spec.lengths_up_to(48) == (16, 32, 48)
-    assert spec.lengths_up_to(32) == (16, 32)
-    assert spec.lengths_up_to(100) == (16, 32, 64, 100)
-    assert spec.lengths_up_to(10) == (10,)
+    assert lengths_up_to(spec.lengths, 48) == (16, 32, 48)
+    assert lengths_up_to(spec.lengths, 32) == (16, 32)
+    assert lengths_up_to(spec.lengths, 100) == (16, 32, 64, 100)
+    assert lengths_up_to(spec.lengths, 10) == (10,)
+    with pytest.raises(ValueError, match="ascending"):
+        lengths_up_to((256, 128), 512)
     assert {b.length for b in plan_batches([33, 47, 48, 5, 6], spec, 48)} == {48, 16}
     assert {b.length for b in plan_batches([70, 100], spec, 100)} == {100}
     assert {b.length for b in plan_batches([7, 9], spec, 10)} == {10}
@@ -128,6 +137,7 @@ def test_bucket_length():
     assert bucket_length(5, (4, 8)) == 8
     with pytest.raises(ValueError, match="9 tokens exceeds the largest bucket 8"):
         bucket_length(9, (4, 8))
+    np.testing.assert_array_equal(bucket_index([1, 4, 5, 8, 3], (4, 8)), [0, 0, 1, 1, 0])
 
 
 def test_too_long_sequence_raises():
@@ -157,10 +167,10 @@ def test_bad_specs(kwargs, match):
         BucketSpec(**kwargs)
 
 
-def test_pad_batch():
+def test_batch_pad():
     seqs = [[0, 5, 6, 2], [0, 7, 2], [0, 8, 9, 10, 11, 2]]
     batch = Batch(np.array([2, 0]), rows=4, length=8)
-    ids, mask = pad_batch(seqs, batch, pad_token_id=1)
+    ids, mask = batch.pad(seqs, pad_token_id=1)
     assert ids.shape == mask.shape == (4, 8)
     assert ids.dtype == np.int32 and mask.dtype == np.int32
     np.testing.assert_array_equal(
@@ -183,14 +193,21 @@ def test_pad_batch():
     )
 
 
+def test_pad_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="7 tokens does not fit bucket length 6"):
+        pad([[0] * 7], rows=1, length=6, pad_token_id=1)
+    with pytest.raises(ValueError, match="3 sequences do not fit a batch of 2 rows"):
+        pad([[0], [0], [0]], rows=2, length=6, pad_token_id=1)
+
+
 def test_pad_batch_of_a_plan_holds_every_sequence():
     rng = np.random.default_rng(7)
     seqs = [rng.integers(3, 50, size=int(rng.integers(2, 40))).tolist() for _ in range(37)]
     spec = BucketSpec(lengths=(8, 16, 32), batch_size=8, max_tokens=128)
     seen = 0
     for batch in plan_batches([len(s) for s in seqs], spec, max_length=40):
-        ids, mask = pad_batch(seqs, batch, pad_token_id=1)
-        assert ids.shape == batch.shape
+        ids, mask = batch.pad(seqs, pad_token_id=1)
+        assert ids.shape == (batch.rows, batch.length)
         for row, index in enumerate(batch.indices):
             n = len(seqs[index])
             assert ids[row, :n].tolist() == seqs[index]

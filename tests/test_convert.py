@@ -30,7 +30,8 @@ from torch_reference import (  # noqa: E402
 
 from m3_jax.convert.from_torch import convert_checkpoint, load_bge_m3  # noqa: E402
 from m3_jax.inference import M3Embedder  # noqa: E402
-from m3_jax.model_dir import CONFIG_FILE, load_model_dir  # noqa: E402
+from m3_jax.loading import load_params  # noqa: E402
+from m3_jax.run_dir import CONFIG_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "tools" / "convert_from_pytorch.py"
@@ -162,13 +163,14 @@ def test_config_geometry_carried_over(converted_dir, torch_dir):
 
 def test_converted_params_equal_direct_load(converted_dir, direct_params):
     config, params = direct_params
-    loaded_config, loaded = load_model_dir(converted_dir)
+    loaded = load_params(converted_dir)
+    loaded_config, loaded = loaded.config, loaded.params
     assert loaded_config == config
     assert_same_params(loaded, params)
 
 
 def test_fp16_heads_upcast_exactly(converted_dir, torch_dir):
-    _, params = load_model_dir(converted_dir)
+    params = load_params(converted_dir).params
     for name, ours in (("colbert_linear", 48), ("sparse_linear", 1)):
         state = torch.load(torch_dir / f"{name}.pt", weights_only=True)
         assert state["weight"].dtype == torch.float16  # as in the release
@@ -243,7 +245,7 @@ def test_fresh_heads_when_both_head_files_are_missing(src_copy, tmp_path, direct
     assert not (tmp_path / "out").exists()
 
     out = convert_checkpoint(src_copy, tmp_path / "out", fresh_heads=True)
-    _, params = load_model_dir(out)
+    params = load_params(out).params
     ours, theirs = leaves(params), leaves(direct_params[1])
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -406,7 +408,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_converts(torch_dir, tmp_path, direct_params):
     result = run_cli(str(torch_dir), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    _, params = load_model_dir(tmp_path / "out")
+    params = load_params(tmp_path / "out").params
     assert_same_params(params, direct_params[1])
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3_jax.data.records import DataError, Record, read_records
-from m3_jax.data.sampler import apply_instructions, check_instruction_format, sample_group
+from m3_jax.config import DataConfig
+from m3_jax.data.records import Record, read_records
+from m3_jax.data.sampler import apply_instructions, sample_group
+from m3_jax.input_files import InputError
 
 GOOD = {"query": "q", "pos": ["p0", "p1"], "neg": ["n0", "n1", "n2"]}
 SCORED = {**GOOD, "pos_scores": [5.0, 4.0], "neg_scores": [1.0, 3.0, 2.0]}
@@ -92,7 +94,7 @@ def test_negatives_may_be_missing(tmp_path):
 )
 def test_errors_name_file_line_field(tmp_path, line, field, words):
     path = write_lines(tmp_path / "bad.jsonl", [GOOD, "", line, GOOD])
-    with pytest.raises(DataError) as info:
+    with pytest.raises(InputError) as info:
         read_records(path)
     message = str(info.value)
     assert message.startswith(f"{path}:3: ")
@@ -104,18 +106,18 @@ def test_errors_name_file_line_field(tmp_path, line, field, words):
 def test_nan_score_rejected(tmp_path):
     path = tmp_path / "nan.jsonl"
     path.write_text('{"query": "q", "pos": ["p"], "pos_scores": [NaN]}\n')
-    with pytest.raises(DataError, match=r"nan.jsonl:1: field 'pos_scores\[0\]': not finite"):
+    with pytest.raises(InputError, match=r"nan.jsonl:1: field 'pos_scores\[0\]': not finite"):
         read_records(path)
 
 
 def test_missing_path_empty_dir_and_no_records(tmp_path):
-    with pytest.raises(DataError, match="no such file or directory"):
+    with pytest.raises(InputError, match="no such file or directory"):
         read_records(tmp_path / "nope.jsonl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty: directory holds no"):
+    with pytest.raises(InputError, match="empty: directory holds no"):
         read_records(tmp_path / "empty")
     blank = write_lines(tmp_path / "blank.jsonl", ["", "  "])
-    with pytest.raises(DataError, match="no records"):
+    with pytest.raises(InputError, match="no records"):
         read_records(blank)
 
 
@@ -151,7 +153,7 @@ def test_group_size_one_and_missing_negatives():
     group = sample_group(record, 1, np.random.default_rng(0))
     assert group.passages == ["p0"]
     np.testing.assert_array_equal(group.teacher_scores, [10.0])
-    with pytest.raises(DataError, match=r"mem:1: field 'neg': .*group_size=2"):
+    with pytest.raises(InputError, match=r"mem:1: field 'neg': .*group_size=2"):
         sample_group(record, 2, np.random.default_rng(0))
 
 
@@ -179,28 +181,23 @@ def test_teacher_scores_aligned_and_sorted():
         assert sorted(ordered.passages[1:]) == sorted(group.passages[1:])
         assert ordered.passages[0] == group.passages[0]
         assert list(ordered.teacher_scores[1:]) == sorted(group.teacher_scores[1:], reverse=True)
-    with pytest.raises(DataError, match="field 'pos_scores'"):
+    with pytest.raises(InputError, match="field 'pos_scores'"):
         sample_group(make_record(5), 3, np.random.default_rng(0), sort_negatives_by_teacher=True)
 
 
 def test_instructions():
-    def query_of(**kwargs) -> str:
-        settings = {"query_instruction": None, "passage_instruction": None, "prompt": None}
-        return apply_instructions("q", ["p"], **{**settings, **kwargs})[0]
+    def query_of(prompt=None, **data) -> str:
+        return apply_instructions("q", ["p"], prompt, DataConfig(**data))[0]
 
-    assert apply_instructions(
-        "q", ["p"], query_instruction=None, passage_instruction=None, prompt=None
-    ) == ("q", ["p"])
-    query, passages = apply_instructions(
-        "q", ["a", "b"], query_instruction="Q: ", passage_instruction="P: ", prompt=None
-    )
-    assert (query, passages) == ("Q: q", ["P: a", "P: b"])
+    assert apply_instructions("q", ["p"], None, DataConfig()) == ("q", ["p"])
+    data = DataConfig(query_instruction="Q: ", passage_instruction="P: ")
+    assert apply_instructions("q", ["a", "b"], None, data) == ("Q: q", ["P: a", "P: b"])
     # A record's prompt replaces the configured instruction; nothing ever adds "None".
     assert query_of(query_instruction="Q: ", prompt="R: ") == "R: q"
     assert query_of(prompt="R: ") == "R: q"
     assert query_of(query_instruction="Q: ", prompt="") == "q"
     assert query_of(prompt="R", instruction_format="{}\n{}") == "R\nq"
     with pytest.raises(ValueError, match="two"):
-        check_instruction_format("{}")
+        DataConfig(instruction_format="{}")
     with pytest.raises(ValueError, match="two"):
-        check_instruction_format("{1}{0}")
+        DataConfig(instruction_format="{1}{0}")

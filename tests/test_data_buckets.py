@@ -1,11 +1,12 @@
-"""Training length buckets, batch sizes and the epoch plan (m3_jax/data/buckets.py)."""
+"""The training batch plan: buckets, batch sizes and the epoch plan (m3_jax/data/plan.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from m3_jax.data.buckets import (
+from m3_jax.config import DataConfig
+from m3_jax.data.plan import (
     BatchSizing,
     TrainBucket,
     assign_buckets,
@@ -13,19 +14,9 @@ from m3_jax.data.buckets import (
     epoch_plan,
     flag_embedding_batch_size,
     measure_lengths,
-    passage_bucket_lengths,
 )
 from m3_jax.data.records import Record
 from m3_jax.tokenization import load_tokenizer
-
-
-def test_passage_bucket_lengths():
-    assert passage_bucket_lengths(8192) == (128, 256, 512, 1024, 2048, 4096, 8192)
-    assert passage_bucket_lengths(512) == (128, 256, 512)
-    assert passage_bucket_lengths(300) == (128, 256, 300)
-    assert passage_bucket_lengths(100) == (100,)
-    with pytest.raises(ValueError, match="ascending"):
-        passage_bucket_lengths(512, (256, 128))
 
 
 @pytest.mark.parametrize(
@@ -47,7 +38,7 @@ def test_passage_bucket_lengths():
     ],
 )
 def test_flag_embedding_table(length, g8, g1):
-    # M3_SPEC §6.3: per-device batch sizes by the bucket's longest passage.
+    # FlagEmbedding's get_file_batch_size: per-device batch sizes by the bucket's longest passage.
     assert flag_embedding_batch_size(length, 8) == g8
     assert flag_embedding_batch_size(length, 1) == g1
 
@@ -88,7 +79,7 @@ def test_assignment_and_static_query_length():
     assert buckets == (TrainBucket(16, 128, 1), TrainBucket(24, 256, 1), TrainBucket(32, 512, 1))
 
 
-def test_small_buckets_merge_upwards_or_are_dropped():
+def test_small_buckets_merge_upwards_and_the_last_is_dropped():
     passage_lens = np.array([100] * 5 + [200] * 2 + [400] * 3)
     query_lens = np.full(10, 8)
     sizing = BatchSizing(token_budget=10**9, max_batch_size=4)
@@ -97,9 +88,10 @@ def test_small_buckets_merge_upwards_or_are_dropped():
     # The 256 bucket (2 examples) cannot fill a batch of 4: its examples join the 512 bucket.
     assert [b.passage_len for b in buckets] == [128, 512]
     np.testing.assert_array_equal(example_buckets, [0] * 5 + [1] * 5)
-    example_buckets, buckets = assign_buckets(query_lens, passage_lens, merge_small=False, **kwargs)
+    # The largest bucket has nowhere to pass a remainder to: too few examples are unused.
+    example_buckets, buckets = assign_buckets(query_lens[:8], passage_lens[:8], **kwargs)
     assert [b.passage_len for b in buckets] == [128]
-    np.testing.assert_array_equal(example_buckets, [0] * 5 + [-1] * 5)
+    np.testing.assert_array_equal(example_buckets, [0] * 5 + [-1] * 3)
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         assign_buckets(query_lens, passage_lens + 200, **kwargs)
 
@@ -157,9 +149,8 @@ def test_measure_lengths(tokenizer_dir):
     def count(text: str, limit: int) -> int:
         return min(len(tokenizer(text)["input_ids"]), limit)
 
-    query_lens, passage_lens = measure_lengths(
-        records, tokenizer, query_max_len=32, passage_max_len=64, passage_instruction="P: "
-    )
+    data = DataConfig(query_max_len=32, passage_max_len=64, passage_instruction="P: ")
+    query_lens, passage_lens = measure_lengths(records, tokenizer, data)
     assert query_lens.dtype == np.int32 and passage_lens.dtype == np.int32
     # The prompt counts for record 2's query; the passage instruction for every passage.
     assert query_lens.tolist() == [count("abc", 32), count("xyz abc", 32)]

@@ -22,11 +22,12 @@ from m3_jax.evaluation.datasets import load_beir, load_heldout, write_beir
 from m3_jax.evaluation.encoding import encode_texts
 from m3_jax.evaluation.evaluate import evaluate_embedder, evaluate_retrieval
 from m3_jax.evaluation.heldout import evaluate_heldout
-from m3_jax.evaluation.modes import MODES, RetrievalSettings, run_modes
+from m3_jax.evaluation.modes import RetrievalSettings, run_modes
 from m3_jax.evaluation.retrieval import dense_search, sparse_search
 from m3_jax.evaluation.trec import read_run
 from m3_jax.inference import M3Embedder
-from m3_jax.model_dir import load_model_dir
+from m3_jax.loading import load_params
+from m3_jax.scores import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "train" / "demo_data"
@@ -181,14 +182,15 @@ def test_modes_match_compute_score(encoded, dataset, pair_scores):
     for q, qid in enumerate(dataset.query_ids):
         assert_valid_top_k(runs["dense"][qid], pair_scores["dense"][q], ids, SETTINGS.top_k)
         assert_valid_top_k(runs["sparse"][qid], pair_scores["sparse"][q], ids, SETTINGS.top_k)
-        # colbert and all rerank the dense top rerank_depth; dense+sparse the union of the lists.
+        # colbert and colbert+sparse+dense rerank the dense top rerank_depth; sparse+dense the
+        # union of the lists.
         shallow = sorted(runs["dense"][qid], key=runs["dense"][qid].get, reverse=True)
         shallow = set(shallow[: SETTINGS.rerank_depth])
         union = set(runs["dense"][qid]) | set(runs["sparse"][qid])
         for mode, candidates, expected in (
             ("colbert", shallow, pair_scores["colbert"][q]),
-            ("all", shallow, everything[q]),
-            ("dense+sparse", union, dense_sparse[q]),
+            ("colbert+sparse+dense", shallow, everything[q]),
+            ("sparse+dense", union, dense_sparse[q]),
         ):
             assert set(runs[mode][qid]) == candidates, mode
             for doc, score in runs[mode][qid].items():
@@ -197,7 +199,8 @@ def test_modes_match_compute_score(encoded, dataset, pair_scores):
 
 def test_evaluate_retrieval_runs_agree_with_pytrec_eval(tiny_model_dir, dataset_dir, tmp_path):
     pytrec_eval = pytest.importorskip("pytrec_eval")
-    config, params = load_model_dir(tiny_model_dir)
+    loaded = load_params(tiny_model_dir)
+    config, params = loaded.config, loaded.params
     metrics = evaluate_retrieval(
         config,
         params,
@@ -224,7 +227,9 @@ def test_evaluate_retrieval_runs_agree_with_pytrec_eval(tiny_model_dir, dataset_
 def test_repeated_evaluation_swaps_weights_without_recompiling(tiny_model_dir, dataset):
     from m3_jax.evaluation import evaluate as evaluate_module
 
-    config, params = load_model_dir(tiny_model_dir)
+    loaded = load_params(tiny_model_dir)
+
+    config, params = loaded.config, loaded.params
     small = dataset.subset(3)
     kwargs = dict(modes=("dense", "sparse"), k=10, settings=SETTINGS)
     evaluate_retrieval(config, params, tiny_model_dir, small, **kwargs)
@@ -258,9 +263,11 @@ def test_heldout_scores_every_document(tiny_model_dir, dataset_dir, tmp_path):
     with corpus.open("w") as f:
         for doc_id, text in zip(small.doc_ids, small.doc_texts, strict=True):
             f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-    config, params = load_model_dir(tiny_model_dir)
+    loaded = load_params(tiny_model_dir)
+    config, params = loaded.config, loaded.params
     out = evaluate_heldout(config, params, tiny_model_dir, heldout, corpus, k=10)
-    assert sorted(out) == sorted(f"{m}_ndcg@10" for m in ("dense", "sparse", "colbert", "all"))
+    modes = ("dense", "sparse", "colbert", "colbert+sparse+dense")
+    assert sorted(out) == sorted(f"{m}/ndcg@10" for m in modes)
     assert all(0 <= v <= 1 for v in out.values())
 
 
@@ -275,7 +282,7 @@ def test_evaluate_cli_prints_the_table(tiny_model_dir, dataset_dir, tmp_path, ca
     args = [
         f"--model={tiny_model_dir}",
         f"--data={dataset_dir}",
-        "--modes=dense,sparse,colbert,dense+sparse,all",
+        "--modes=dense,sparse,colbert,dense+sparse,all",  # the paper's names are aliases
         "--k=10",
         f"--out={out}",
         f"--cache={tmp_path / 'cache'}",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from m3_jax.evaluation.datasets import (
-    DatasetError,
     RetrievalDataset,
     load_beir,
     load_dataset,
@@ -17,6 +16,7 @@ from m3_jax.evaluation.datasets import (
     load_miracl,
     write_beir,
 )
+from m3_jax.input_files import InputError
 
 
 def write_lines(path: Path, lines: list) -> Path:
@@ -70,14 +70,18 @@ def test_beir(beir):
 @pytest.mark.parametrize(
     "file, line, message",
     [
-        ("corpus.jsonl", '{"_id": "d9", "text": ', "corpus.jsonl:4: not valid JSON"),
-        ("corpus.jsonl", '{"_id": "d9"}', "corpus.jsonl:4: missing field 'text'"),
+        ("corpus.jsonl", '{"_id": "d9", "text": ', "corpus.jsonl:4: invalid JSON"),
+        ("corpus.jsonl", '{"_id": "d9"}', "corpus.jsonl:4: field 'text': missing"),
         (
             "corpus.jsonl",
             '{"_id": "d1", "text": "again"}',
             "corpus.jsonl:4: duplicate document id 'd1'",
         ),
-        ("corpus.jsonl", '{"_id": "d9", "text": 5}', "corpus.jsonl:4: field 'text' is int"),
+        (
+            "corpus.jsonl",
+            '{"_id": "d9", "text": 5}',
+            "corpus.jsonl:4: field 'text': expected str, got int",
+        ),
         ("queries.jsonl", '["a list"]', "queries.jsonl:4: expected a JSON object"),
         ("qrels/test.tsv", "q1\td1", "test.tsv:6: expected 3 columns, got 2"),
         ("qrels/test.tsv", "q1\td1\tyes", "test.tsv:6: relevance 'yes' is not an integer"),
@@ -87,7 +91,7 @@ def test_beir(beir):
 def test_beir_errors_name_file_line_and_field(beir, file, line, message):
     with (beir / file).open("a") as f:
         f.write(line + "\n")
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(InputError, match=message):
         load_beir(beir)
 
 
@@ -126,7 +130,7 @@ def test_miracl_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected one topics file ending in 'test.tsv'"):
         load_miracl(root, "test")
     write_lines(root / "qrels" / "qrels.miracl-v1.0-sw-dev.tsv", ["7 Q0 1#0"])
-    with pytest.raises(DatasetError, match="dev.tsv:1: expected 4 columns"):
+    with pytest.raises(InputError, match="dev.tsv:1: expected 4 columns"):
         load_miracl(root)
 
 
@@ -140,5 +144,5 @@ def test_heldout(tmp_path):
     ds = load_heldout(heldout, corpus)
     assert isinstance(ds, RetrievalDataset) and ds.qrels == {"q": {"a": 1}}
     write_lines(heldout, [{"query_id": "q", "query": "text", "qrels": {"a": "high"}}])
-    with pytest.raises(DatasetError, match="h.jsonl:1: field 'qrels' must map doc ids to integers"):
+    with pytest.raises(InputError, match="h.jsonl:1: field 'qrels' must map doc ids to integers"):
         load_heldout(heldout, corpus)

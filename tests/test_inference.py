@@ -9,7 +9,8 @@ from flax import nnx
 
 from m3_jax.bucketing import BucketSpec, plan_batches
 from m3_jax.inference import M3Embedder
-from m3_jax.model_dir import load_model_dir, model_from_params
+from m3_jax.loading import load_params
+from m3_jax.model import model_from_params
 from m3_jax.tokenization import insert_mcls, load_tokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -41,7 +42,8 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     """(config, params, model, tokenizer) straight from the directory, not through M3Embedder."""
-    config, params = load_model_dir(tiny_model_dir)
+    loaded = load_params(tiny_model_dir)
+    config, params = loaded.config, loaded.params
     return config, params, model_from_params(config, params), load_tokenizer(tiny_model_dir)
 
 

@@ -1,4 +1,5 @@
-"""m3_jax.losses against an independent float64 numpy implementation of M3_SPEC §5.
+"""m3_jax.losses against an independent float64 numpy implementation of the M3 objective
+(FlagEmbedding's `EncoderOnlyEmbedderM3Model` losses).
 
 The numpy functions here (`ref_*`) are written from the spec, not from our code; the model-level
 tests (tests/test_losses_model.py) reuse them.
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from m3_jax import losses
+from m3_jax.config import LossConfig
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 F32_MIN = float(np.finfo(np.float32).min)
@@ -95,7 +97,7 @@ def ref_unified(
     dense_loss=None,
     ensemble_teacher=None,
 ) -> dict[str, float]:
-    """Every named part of the M3 objective (M3_SPEC §5.1-5.2).
+    """Every named part of the M3 objective (the M3 paper's equations).
 
     ensemble_teacher: a fixed s_inter to take the self-distillation targets from (for finite
     differences with the teacher held constant); by default it is computed from the scores.
@@ -178,12 +180,6 @@ def test_group_scores():
     )
 
 
-def test_ensemble_scores():
-    dense, sparse, colbert, _ = random_scores(3, True)
-    got = losses.ensemble_scores(jnp.asarray(dense), jnp.asarray(sparse), jnp.asarray(colbert))
-    np.testing.assert_allclose(got, dense + 0.3 * sparse + colbert, **TOL)
-
-
 # The unified objective -------------------------------------------------------------------------
 
 TEACHER_CASES = [(False, "m3_kd_loss"), (True, "m3_kd_loss"), (True, "kl_div")]
@@ -198,11 +194,10 @@ def _jitted_unified(teacher: bool, kd_type: str, in_batch: bool):
             dense,
             sparse,
             colbert,
+            LossConfig(kd_loss_type=kd_type, in_batch_negatives=in_batch),
             group_size=G,
             teacher_scores=teacher_scores if teacher else None,
             self_distill=self_distill,
-            kd_loss_type=kd_type,
-            in_batch_negatives=in_batch,
         )
 
     return jax.jit(fn)
@@ -224,11 +219,9 @@ def test_unified_loss_matches_reference(teacher, kd_type, in_batch, self_distill
                 jnp.asarray(dense),
                 jnp.asarray(sparse),
                 jnp.asarray(colbert),
+                LossConfig(kd_loss_type=kd_type, in_batch_negatives=in_batch, self_distill=flag),
                 group_size=G,
                 teacher_scores=jnp.asarray(teacher_scores) if teacher else None,
-                self_distill=flag,
-                kd_loss_type=kd_type,
-                in_batch_negatives=in_batch,
             )
         expected = ref_unified(
             dense,
@@ -251,6 +244,7 @@ def test_dense_only_when_not_unified(teacher):
         jnp.asarray(dense),
         None,
         None,
+        LossConfig(),
         group_size=G,
         teacher_scores=jnp.asarray(teacher_scores) if teacher else None,
     )
@@ -262,7 +256,9 @@ def test_dense_only_when_not_unified(teacher):
 def test_unified_needs_both_heads():
     dense, sparse, _, _ = random_scores(21, True)
     with pytest.raises(ValueError, match="both"):
-        losses.unified_loss(jnp.asarray(dense), jnp.asarray(sparse), None, group_size=G)
+        losses.unified_loss(
+            jnp.asarray(dense), jnp.asarray(sparse), None, LossConfig(), group_size=G
+        )
 
 
 def test_precomputed_dense_loss_replaces_only_the_dense_term():
@@ -272,6 +268,7 @@ def test_precomputed_dense_loss_replaces_only_the_dense_term():
         jnp.asarray(dense),
         jnp.asarray(sparse),
         jnp.asarray(colbert),
+        LossConfig(),
         group_size=G,
         dense_loss=jnp.asarray(7.5, jnp.float32),
     )
@@ -283,13 +280,10 @@ def test_precomputed_dense_loss_replaces_only_the_dense_term():
 def test_unknown_kd_type():
     dense, _, _, teacher_scores = random_scores(23, True)
     with pytest.raises(ValueError, match="kd_loss_type"):
-        losses.unified_loss(
-            jnp.asarray(dense),
-            None,
-            None,
-            group_size=G,
-            teacher_scores=jnp.asarray(teacher_scores),
-            kd_loss_type="kl",
+        LossConfig(kd_loss_type="kl")
+    with pytest.raises(ValueError, match="kd_loss_type"):
+        losses.contrastive_loss(
+            jnp.asarray(dense), G, True, jnp.asarray(teacher_scores), kd_loss_type="kl"
         )
 
 
@@ -302,7 +296,8 @@ def test_self_distill_teacher_is_stop_gradient(in_batch):
     dense, sparse, colbert, _ = random_scores(30, in_batch)
 
     def distill(d, s, c):
-        _, parts = losses.unified_loss(d, s, c, group_size=G, in_batch_negatives=in_batch)
+        config = LossConfig(in_batch_negatives=in_batch)
+        _, parts = losses.unified_loss(d, s, c, config, group_size=G)
         return parts["distill"]
 
     grads = jax.grad(distill, argnums=(0, 1, 2))(
@@ -354,9 +349,9 @@ def test_total_gradient_matches_finite_differences(teacher, kd_type):
             d,
             s,
             c,
+            LossConfig(kd_loss_type=kd_type),
             group_size=group,
             teacher_scores=None if teacher_scores is None else jnp.asarray(teacher_scores),
-            kd_loss_type=kd_type,
         )[0]
 
     grads = jax.grad(total, argnums=(0, 1, 2))(

@@ -1,6 +1,6 @@
 """m3_jax.losses.local_score_matrices and m3_loss (model outputs → loss) against numpy.
 
-Score matrices are rebuilt here from the reference definitions (M3_SPEC §3: dense dot product,
+Score matrices are rebuilt here from the reference definitions (the reference's: dense dot product,
 max-pooled vocab vectors with the special ids zeroed, ColBERT mean-of-max over real rows); the
 loss formulas come from the float64 references in tests/test_losses.py.
 """
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from test_losses import TOL, assert_parts_close, ref_head_loss, ref_softmax, ref_unified
 
-from m3_jax.losses import LossConfig, local_score_matrices, m3_loss
-from m3_jax.model.m3 import M3Output
+from m3_jax.config import LossConfig
+from m3_jax.losses import local_score_matrices, m3_loss
+from m3_jax.model import M3Output
 
 B, G = 4, 3
 LQ, LP, DIM = 6, 7, 8
@@ -114,7 +115,8 @@ def ref_local_matrices(q, p, q_ids, p_ids, shards, in_batch) -> dict[str, np.nda
 
 
 def ref_m3_loss(q, p, q_ids, p_ids, config: LossConfig, step, teacher) -> dict[str, float]:
-    """M3_SPEC §5 on each shard's local groups, averaged; the dense term global when cross-device."""
+    """The M3 objective on each shard's local groups, averaged; the dense term global when
+    cross-device."""
     w = config.num_shards
     b = B // w
     local = ref_local_matrices(q, p, q_ids, p_ids, w, config.in_batch_negatives)
@@ -143,7 +145,7 @@ def ref_m3_loss(q, p, q_ids, p_ids, config: LossConfig, step, teacher) -> dict[s
 
 
 def config(**overrides) -> LossConfig:
-    return dataclasses.replace(LossConfig(group_size=G, temperature=TAU), **overrides)
+    return dataclasses.replace(LossConfig(temperature=TAU, num_shards=1), **overrides)
 
 
 @functools.cache

@@ -13,9 +13,8 @@ import pytest
 from flax import nnx
 
 from m3_jax.config import ModelConfig, bge_m3, tiny
-from m3_jax.model import M3Model, roberta_position_ids
+from m3_jax.model import M3Model, abstract_params, model_from_params, roberta_position_ids
 from m3_jax.model.heads import l2_normalize
-from m3_jax.model_dir import abstract_params, model_from_params
 from m3_jax.tiny import random_params
 
 VOCAB = 60
@@ -69,7 +68,7 @@ def batch(seed: int = 0, rows: int = 3, length: int = 12):
 
 
 def ref_position_ids(ids: np.ndarray, pad: int) -> np.ndarray:
-    """RoBERTa (M3_SPEC §1): real tokens count up from pad+1, pads get pad."""
+    """RoBERTa's position ids: real tokens count up from pad+1, pads get pad."""
     out = np.empty_like(ids)
     for r, row in enumerate(ids):
         count = 0

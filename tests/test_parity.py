@@ -27,7 +27,7 @@ from torch_reference import (  # noqa: E402
 
 from m3_jax.convert.from_torch import load_bge_m3  # noqa: E402
 from m3_jax.inference import M3Embedder  # noqa: E402
-from m3_jax.model_dir import model_from_params  # noqa: E402
+from m3_jax.model import model_from_params  # noqa: E402
 from m3_jax.tokenization import load_tokenizer, tokenize  # noqa: E402
 
 TOL = 1e-5

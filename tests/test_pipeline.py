@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m3_jax.data.buckets import BatchSizing
-from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader, to_global_batch
-from m3_jax.data.records import DataError, Record
+from m3_jax.config import DataConfig
+from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
+from m3_jax.data.records import Record
+from m3_jax.input_files import InputError
 from m3_jax.tokenization import load_tokenizer, tokenize
 
 GROUP = 4
@@ -48,24 +50,24 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
-def settings(**overrides) -> LoaderSettings:
-    base = {
-        "sizing": BatchSizing(token_budget=6000, batch_multiple=8),
-        "seed": 5,
-        "group_size": GROUP,
-        "query_max_len": 16,
-        "passage_max_len": 256,
-        "bucket_lengths": (64, 128, 256),
-        "query_instruction": "Q: ",
-        "with_teacher_scores": True,
-        "num_threads": 2,
-    }
-    return LoaderSettings(**{**base, **overrides})
+DATA = DataConfig(
+    group_size=GROUP,
+    query_max_len=16,
+    passage_max_len=256,
+    passage_buckets=(64, 128, 256),
+    token_budget=6000,
+    query_instruction="Q: ",
+    knowledge_distillation=True,
+)
+
+
+def make_loader(records, tokenizer, data=DATA, **kwargs) -> TrainLoader:
+    return TrainLoader(records, tokenizer, data, seed=5, batch_multiple=8, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def loader(tokenizer):
-    return TrainLoader(make_records(), tokenizer, settings())
+    return make_loader(make_records(), tokenizer)
 
 
 def test_buckets_and_shapes(loader):
@@ -116,11 +118,8 @@ def test_host_batch_contents(loader, tokenizer):
 
 def test_process_slices_union_is_the_global_batch(tokenizer):
     records = make_records()
-    one = TrainLoader(records, tokenizer, settings())
-    two = [
-        TrainLoader(records, tokenizer, settings(), process_index=p, process_count=2)
-        for p in range(2)
-    ]
+    one = make_loader(records, tokenizer)
+    two = [make_loader(records, tokenizer, process_index=p, process_count=2) for p in range(2)]
     assert one.bucket_shapes() == two[0].bucket_shapes()
     for step in range(min(4, one.steps_per_epoch)):
         position = LoaderPosition(0, step)
@@ -160,9 +159,8 @@ def test_iterate_resumes_exactly(loader):
     for cut in (1, n - 1, n + 1):
         resume = LoaderPosition.from_json(full[cut - 1][0].to_json())
         assert flatten(loader.iterate(resume, num_epochs=2)) == full[cut:]
-    # Forever by default, and without threads the same batches.
-    sequential = TrainLoader(loader.records, loader.tokenizer, settings(num_threads=0))
-    head = flatten(itertools.islice(sequential.iterate(LoaderPosition(0, 0)), n + 2))
+    # Forever by default.
+    head = flatten(itertools.islice(loader.iterate(), n + 2))
     assert head == full[: n + 2]
 
 
@@ -189,12 +187,12 @@ def test_to_global_batch_on_eight_devices(loader):
 def test_loader_errors_name_the_record(tokenizer):
     records = make_records(40)
     no_neg = records[:7] + [Record("q", ("p",), (), None, None, None, None, "f.jsonl:8")]
-    with pytest.raises(DataError, match="f.jsonl:8: field 'neg'"):
-        TrainLoader(no_neg, tokenizer, settings(with_teacher_scores=False))
+    with pytest.raises(InputError, match="f.jsonl:8: field 'neg'"):
+        make_loader(no_neg, tokenizer, dataclasses.replace(DATA, knowledge_distillation=False))
     unscored = records[:7] + [Record("q", ("p",), ("n",), None, None, None, None, "f.jsonl:9")]
-    with pytest.raises(DataError, match="f.jsonl:9: field 'pos_scores'"):
-        TrainLoader(unscored, tokenizer, settings())
-    with pytest.raises(DataError, match="cannot|no length bucket"):
-        TrainLoader(records[:5], tokenizer, settings())
+    with pytest.raises(InputError, match="f.jsonl:9: field 'pos_scores'"):
+        make_loader(unscored, tokenizer)
+    with pytest.raises(InputError, match="cannot|no length bucket"):
+        make_loader(records[:5], tokenizer)
     with pytest.raises(ValueError, match="not a multiple of process_count 3"):
-        TrainLoader(records, tokenizer, settings(), process_index=0, process_count=3)
+        make_loader(records, tokenizer, process_index=0, process_count=3)

@@ -1,4 +1,4 @@
-"""m3_jax.scores against independent numpy implementations of the reference formulas (M3_SPEC §3)."""
+"""m3_jax.scores against independent numpy implementations of the reference's score formulas."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def test_colbert_matrix_and_paired_match_unpadded_formula(seed):
 
 
 def test_colbert_padding_never_floors_negative_similarities():
-    """Zero padded passage rows must not win the max (DESIGN.md: batch-independent colbert)."""
+    """Zero padded passage rows must not win the max: a colbert score is batch-independent."""
     rng = np.random.default_rng(5)
     dim = 8
     q_real = np.abs(rng.normal(size=(3, dim))).astype(np.float32)

@@ -15,12 +15,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from m3_jax import checkpoint, sharding
-from m3_jax.config import bge_m3, tiny
-from m3_jax.losses import LossConfig
-from m3_jax.model_dir import abstract_params
+from m3_jax.config import LossConfig, OptimConfig, bge_m3, tiny
+from m3_jax.model import abstract_params
 from m3_jax.tiny import random_params
 from m3_jax.training import sharded
-from m3_jax.training.optim import OptimConfig, make_optimizer
+from m3_jax.training.optim import make_optimizer
 from m3_jax.training.state import abstract_state, init_state
 from m3_jax.training.step import StepConfig, loss_fn, train_step
 from tests.test_step import graphdef_of, make_batch
@@ -30,8 +29,8 @@ B, G, LQ, LP = 8, 2, 8, 16
 # Heads and MLP divide by 2 (tensor), embed by 8 (fsdp).
 CFG = tiny(vocab_size=200, num_hidden_layers=1, hidden_dropout_prob=0.0)
 CFG = CFG.replace(attention_probs_dropout_prob=0.0)
-LOSS = LossConfig(group_size=G, temperature=0.05, num_shards=2)
-STEP = StepConfig(LOSS, sub_batch_size=None, dropout=False)
+LOSS = LossConfig(temperature=0.05, num_shards=2)
+STEP = StepConfig(LOSS, sub_batch_size=None, dropout=False, data_shards=1)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (4, 2, 1)]
 
 

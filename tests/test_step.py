@@ -16,14 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from m3_jax.config import tiny
-from m3_jax.losses import LossConfig
-from m3_jax.model.m3 import M3Model
+from m3_jax.config import LossConfig, OptimConfig, tiny
+from m3_jax.model import graphdef as graphdef_of
 from m3_jax.tiny import random_params
 from m3_jax.training.optim import (
-    OptimConfig,
     apply_update,
     decay_mask,
     learning_rate_schedule,
@@ -43,11 +40,7 @@ CFG = tiny(
     attention_probs_dropout_prob=0.1,
 )
 CFG_NO_DROPOUT = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-LOSS = LossConfig(group_size=G, temperature=0.05)
-
-
-def graphdef_of(config) -> nnx.GraphDef:
-    return nnx.split(nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0))))[0]
+LOSS = LossConfig(temperature=0.05, num_shards=1)
 
 
 def make_batch(seed: int, batch: int, group: int, lq: int, lp: int, teacher: bool = False):
@@ -93,7 +86,7 @@ def tree_max_abs_diff(a, b) -> float:
 def loss_grads_outputs(sub_batch_size):
     """Loss, parts, gradients and encoder outputs without dropout, with or without sub-batches."""
     graphdef = graphdef_of(CFG_NO_DROPOUT)
-    config = StepConfig(LOSS, sub_batch_size=sub_batch_size, dropout=False)
+    config = StepConfig(LOSS, sub_batch_size=sub_batch_size, dropout=False, data_shards=1)
 
     def fn(params, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -195,7 +188,9 @@ def train_runs():
     """A jitted, donating bf16-compute train step (dense loss, no dropout): six steps on batch A,
     then batches of another shape. One module-wide run: each program takes seconds to compile."""
     config = CFG_NO_DROPOUT.replace(dtype="bfloat16")
-    step_fn, state, schedule = jit_train_step(config, StepConfig(DENSE_LOSS, dropout=False))
+    step_fn, state, schedule = jit_train_step(
+        config, StepConfig(DENSE_LOSS, None, dropout=False, data_shards=1)
+    )
     out = types.SimpleNamespace(state0=copy_tree(state), schedule=schedule, sizes=[], metrics=[])
     donated = state
     batch_b = make_batch(2, 2, G, 16, 16)
@@ -245,7 +240,9 @@ def test_bf16_compute_train_step(train_runs):
 
 
 def test_dropout_is_deterministic_from_state_and_step():
-    step_fn, state0, schedule = jit_train_step(CFG, StepConfig(DENSE_LOSS, dropout=True))
+    step_fn, state0, schedule = jit_train_step(
+        CFG, StepConfig(DENSE_LOSS, None, dropout=True, data_shards=1)
+    )
     lr = scheduled_lr(schedule, state0)
     first, first_metrics = step_fn(copy_tree(state0), BATCH_A, lr)
     again, again_metrics = step_fn(copy_tree(state0), BATCH_A, lr)

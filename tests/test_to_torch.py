@@ -1,4 +1,5 @@
-"""Export to the BGE-M3 PyTorch layout (m3_jax.convert.to_torch / sources, tools/convert_to_pytorch.py).
+"""Export to the BGE-M3 PyTorch layout (m3_jax.convert.to_torch, m3_jax.loading,
+tools/convert_to_pytorch.py).
 
 Round trips: a PyTorch directory → m3_jax → PyTorch gives identical tensors; a model trained a
 few steps by the m3_jax loop, exported from its checkpoint and loaded by
@@ -20,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from demo_runs import NUM_STEPS  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_reference import (  # noqa: E402
     TOKENIZER_FILES,
@@ -29,14 +31,12 @@ from torch_reference import (  # noqa: E402
     read_torch_state,
 )
 
-from configs import demo_cpu  # noqa: E402
 from m3_jax.convert.from_torch import convert_checkpoint  # noqa: E402
-from m3_jax.convert.sources import load_params_source  # noqa: E402
 from m3_jax.convert.to_torch import convert_to_pytorch, export_torch_dir  # noqa: E402
 from m3_jax.inference import M3Embedder  # noqa: E402
-from m3_jax.model_dir import load_model_dir, model_from_params  # noqa: E402
+from m3_jax.loading import load_params  # noqa: E402
+from m3_jax.model import model_from_params  # noqa: E402
 from m3_jax.tokenization import load_tokenizer  # noqa: E402
-from m3_jax.training.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = dict(
@@ -48,7 +48,6 @@ GEOMETRY = dict(
     layer_norm_eps=1e-3,
 )
 MAX_LENGTH = 128
-TRAIN_STEPS = 3
 
 
 pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
@@ -70,23 +69,9 @@ def model_dir(root, torch_dir):
 
 
 @pytest.fixture(scope="module")
-def run_dir(root):
-    """A real training run of the demo config, a few steps, checkpoints at steps 2 and 3."""
-    lines = (ROOT / "train/demo_data/train.jsonl").read_text().splitlines()[:120]
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    c = demo_cpu.get_config()
-    c.workdir = str(root / "run")
-    c.data.train_files = str(root / "train.jsonl")
-    c.data.passage_max_len = 128
-    c.train.num_steps = TRAIN_STEPS
-    c.train.save_every = 2
-    c.train.progress = False
-    c.train.compilation_cache_dir = ""
-    c.train.peak_flops_per_s = 1e11
-    c.eval.heldout_file = ""
-    c.model.tokenizer = str(ROOT / c.model.tokenizer)
-    train(c)
-    return root / "run"
+def run_dir(demo_run):
+    """The session's demo training run: checkpoints at steps 4, 8 and 12, and export/."""
+    return demo_run[0]
 
 
 class ExportedReference(TorchM3Reference):
@@ -170,8 +155,8 @@ def test_round_trip_gives_identical_tensors(root, torch_dir, model_dir):
         assert hf_out[field] == hf_in[field], field
     assert hf_out["architectures"] == ["XLMRobertaModel"] and hf_out["dtype"] == "float32"
     # And back again: the exported directory imports to the same params.
-    _, params = load_model_dir(model_dir)
-    again = load_params_source(convert_checkpoint(out, root / "again")).params
+    params = load_params(model_dir).params
+    again = load_params(convert_checkpoint(out, root / "again")).params
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(again), strict=True
     ):
@@ -186,7 +171,8 @@ def test_fp32_heads_bin_file_and_sentence_transformers_files(root, model_dir):
     pickled = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert pickled.keys() == safetensors.keys()
     assert all(torch.equal(pickled[k], safetensors[k]) for k in pickled)
-    config, params = load_model_dir(model_dir)
+    loaded = load_params(model_dir)
+    config, params = loaded.config, loaded.params
     colbert = torch.load(out / "colbert_linear.pt", weights_only=True)
     assert colbert["weight"].dtype == torch.float32
     np.testing.assert_array_equal(colbert["weight"].numpy().T, params["colbert_linear"]["kernel"])
@@ -228,23 +214,33 @@ def test_refuses_a_non_empty_directory_unless_asked(root, model_dir):
 
 
 def test_bad_dtype_and_missing_source(root, model_dir):
-    config, params = load_model_dir(model_dir)
+    loaded = load_params(model_dir)
+    config, params = loaded.config, loaded.params
     with pytest.raises(ValueError, match="head_dtype='bfloat16'"):
         export_torch_dir(
             config, params, root / "x", tokenizer_source=model_dir, head_dtype="bfloat16"
         )
-    with pytest.raises(FileNotFoundError, match="neither an m3_jax model directory"):
-        convert_to_pytorch(root / "src", root / "y")  # a PyTorch dir is not a source
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        convert_to_pytorch(root / "missing", root / "y")
+    # Anything load_params reads is a source, a PyTorch directory too: it comes back the same.
+    again = convert_to_pytorch(root / "src", root / "z", progress=False)
+    for a, b in zip(
+        jax.tree.leaves(load_params(root / "src").params),
+        jax.tree.leaves(load_params(again).params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 # A model trained in m3_jax ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_matches_transformers_and_reference_heads(root, run_dir):
-    src = load_params_source(run_dir)  # newest checkpoint
-    assert src.step == TRAIN_STEPS
+    src = load_params(run_dir)  # newest checkpoint
+    assert src.step == NUM_STEPS
     # The checkpoint's params are exactly what the loop exported at the end.
-    _, exported = load_model_dir(run_dir / "export")
+    exported = load_params(run_dir / "export").params
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(src.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     out = convert_to_pytorch(run_dir, root / "trained", progress=False)
@@ -264,11 +260,12 @@ def test_trained_checkpoint_matches_transformers_and_reference_heads(root, run_d
         assert diff <= 1e-5, output
 
 
+@pytest.mark.slow
 def test_checkpoint_steps_and_paths(root, run_dir):
-    newest = load_params_source(run_dir / "checkpoints")
-    step_dir = load_params_source(run_dir / "checkpoints" / "2")
-    by_arg = load_params_source(run_dir, step=2)
-    assert (newest.step, step_dir.step, by_arg.step) == (3, 2, 2)
+    newest = load_params(run_dir / "checkpoints")
+    step_dir = load_params(run_dir / "checkpoints" / "8")
+    by_arg = load_params(run_dir, step=8)
+    assert (newest.step, step_dir.step, by_arg.step) == (12, 8, 8)
     kernel = ("encoder", "layers", 0, "intermediate", "kernel")
 
     def get(params):
@@ -278,23 +275,25 @@ def test_checkpoint_steps_and_paths(root, run_dir):
 
     np.testing.assert_array_equal(get(step_dir.params), get(by_arg.params))
     assert not np.array_equal(get(step_dir.params), get(newest.params))  # training moved them
-    with pytest.raises(ValueError, match="no checkpoint for step 7; have \\[2, 3\\]"):
-        load_params_source(run_dir, step=7)
+    with pytest.raises(ValueError, match="no checkpoint for step 7; have \\[4, 8, 12\\]"):
+        load_params(run_dir, step=7)
 
 
+@pytest.mark.slow
 def test_run_without_export_needs_config_and_tokenizer(root, run_dir):
     bare = root / "bare_run"
     shutil.copytree(run_dir / "checkpoints", bare / "checkpoints")
     with pytest.raises(FileNotFoundError, match="--config"):
-        load_params_source(bare)
-    src = load_params_source(
+        load_params(bare)
+    src = load_params(
         bare,
         config_file=run_dir / "export" / "m3_jax_config.json",
         tokenizer_dir=run_dir / "export",
     )
-    assert src.step == TRAIN_STEPS
+    assert src.step == NUM_STEPS
 
 
+@pytest.mark.slow
 def test_cli(root, run_dir, capsys):
     spec = importlib.util.spec_from_file_location(
         "to_pytorch", ROOT / "tools/convert_to_pytorch.py"
@@ -302,7 +301,7 @@ def test_cli(root, run_dir, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = root / "cli"
-    assert cli.main([str(run_dir), str(out), "--step", "2", "--fp16-heads", "--quiet"]) == 0
+    assert cli.main([str(run_dir), str(out), "--step", "8", "--fp16-heads", "--quiet"]) == 0
     assert torch.load(out / "sparse_linear.pt", weights_only=True)["bias"].dtype == torch.float16
     assert cli.main([str(run_dir), str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
@@ -314,12 +313,13 @@ def test_sharded_checkpoint_converts_without_a_device_gather(root, torch_dir, mo
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from m3_jax import checkpoint
-    from m3_jax.convert.sources import write_run_info
+    from m3_jax.run_dir import write_run_info
     from m3_jax.training.state import init_state
 
     if jax.device_count() < 8:
         pytest.skip("needs the 8 CPU devices conftest asks for")
-    config, params = load_model_dir(model_dir)
+    loaded = load_params(model_dir)
+    config, params = loaded.config, loaded.params
     mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
 
     def shard(x):
@@ -341,7 +341,7 @@ def test_sharded_checkpoint_converts_without_a_device_gather(root, torch_dir, mo
     manager.wait_until_finished()
     manager.close()
     write_run_info(run, config, str(model_dir))
-    src = load_params_source(run)
+    src = load_params(run)
     assert src.step == 5 and src.config == config.replace(param_dtype="float32")
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(src.params), strict=True

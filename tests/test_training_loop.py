@@ -14,47 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from demo_runs import NUM_STEPS, ROOT, SAVE_EVERY, demo_config, overrides
 
-from configs import demo_cpu
 from m3_jax import sharding
-from m3_jax.data.records import DataError
-from m3_jax.model_dir import load_model_dir
+from m3_jax.config import RunConfig
+from m3_jax.input_files import InputError
+from m3_jax.loading import load_params
 from m3_jax.training.loop import NonFiniteLossError, check_same_plan, train
-
-ROOT = Path(__file__).resolve().parents[1]
-NUM_STEPS = 12
-SAVE_EVERY = 4
-
-
-def small_config(workdir: Path, train_file: Path, cache: Path):
-    c = demo_cpu.get_config()
-    c.workdir = str(workdir)
-    c.data.train_files = str(train_file)
-    c.data.passage_max_len = 256
-    c.train.num_steps = NUM_STEPS
-    c.train.save_every = SAVE_EVERY
-    c.train.log_every = 1
-    c.train.progress = False
-    c.train.compilation_cache_dir = str(cache)
-    c.train.peak_flops_per_s = 1e11
-    c.eval.heldout_file = ""
-    c.model.tokenizer = str(ROOT / c.model.tokenizer)
-    return c
-
-
-def overrides(c) -> list[str]:
-    keys = [
-        "workdir", "data.train_files", "data.passage_max_len", "train.num_steps",
-        "train.save_every", "train.log_every", "train.progress", "train.compilation_cache_dir",
-        "train.peak_flops_per_s", "eval.heldout_file", "model.tokenizer",
-    ]  # fmt: skip
-    out = []
-    for key in keys:
-        value = c
-        for part in key.split("."):
-            value = value[part]
-        out.append(f"--config.{key}={value}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +29,17 @@ def train_file(demo_train_file) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
+def cache(xla_cache) -> Path:
+    return xla_cache
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, train_file, cache):
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    summary = train(small_config(workdir, train_file, cache))
-    return workdir, summary
+def uninterrupted(demo_run):
+    return demo_run
 
 
 def export_params(workdir: Path):
-    return load_model_dir(workdir / "export")[1]
+    return load_params(workdir / "export").params
 
 
 def assert_bitwise_equal(a, b):
@@ -99,6 +63,7 @@ def wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_learns_and_compiles_each_bucket_once(uninterrupted):
     workdir, summary = uninterrupted
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -111,24 +76,39 @@ def test_uninterrupted_run_learns_and_compiles_each_bucket_once(uninterrupted):
     assert summary["final_step"] == NUM_STEPS
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_resume_after_interruption_is_bitwise_exact(
-    tmp_path, train_file, cache, uninterrupted, sig
+@pytest.mark.slow
+def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(
+    tmp_path, train_file, cache, uninterrupted
 ):
-    c = small_config(tmp_path / "run", train_file, cache)
-    proc = subprocess.Popen(
-        main_command(c), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    wait_for_checkpoint(tmp_path / "run", SAVE_EVERY, proc)
-    os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    if sig == signal.SIGTERM:
-        assert b"stopped by signal" in err
-    assert not (tmp_path / "run" / "export").exists()
+    """SIGTERM saves and exits; SIGKILL loses nothing saved before it; the run then finishes
+    with exactly the uninterrupted run's params. The middle launch goes through `m3-jax train`,
+    the others through train/main.py (the same command)."""
+    c = demo_config(tmp_path / "run", train_file, cache)
+    console = [
+        sys.executable,
+        "-m",
+        "m3_jax.cli",
+        "train",
+        f"--config={ROOT / 'configs/demo_cpu.py'}",
+    ]
+    for command, step, sig in (
+        (main_command(c), SAVE_EVERY, signal.SIGTERM),
+        (console + overrides(c), 2 * SAVE_EVERY, signal.SIGKILL),
+    ):
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_for_checkpoint(tmp_path / "run", step, proc)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        # SIGTERM arrives at step 4 or later and saves the step it stops at.
+        assert (b"stopped by signal" in err) == (sig == signal.SIGTERM)
+        assert (b"resumed from step" in err) == (sig == signal.SIGKILL)
+        assert not (tmp_path / "run" / "export").exists()
     result = subprocess.run(main_command(c), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step" in result.stderr
+    assert "resumed from step 8" in result.stderr
     assert_bitwise_equal(export_params(tmp_path / "run"), export_params(uninterrupted[0]))
 
 
@@ -136,20 +116,21 @@ def test_malformed_data_fails_before_writing(tmp_path, cache):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "q2", "neg": ["n"]}\n')
     workdir = tmp_path / "run"
-    with pytest.raises(DataError, match=r"bad\.jsonl:2.*pos"):
-        train(small_config(workdir, bad, cache))
+    with pytest.raises(InputError, match=r"bad\.jsonl:2.*pos"):
+        train(RunConfig.from_config_dict(demo_config(workdir, bad, cache)))
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_file, cache):
-    c = small_config(tmp_path / "run", train_file, cache)
+    c = demo_config(tmp_path / "run", train_file, cache)
     c.data.passage_max_len = 128  # one bucket to compile
     c.optim.lr = 1e30
     c.optim.max_grad_norm = 0.0
     c.optim.warmup_steps = 0
     c.train.save_every = 1
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
-        train(c)
+        train(RunConfig.from_config_dict(c))
     steps = sorted(
         int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()
     )
@@ -158,8 +139,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_fi
     assert steps and steps[-1] == len(metrics)
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_file, cache):
-    c = small_config(tmp_path / "run", train_file, cache)
+    c = demo_config(tmp_path / "run", train_file, cache)
     c.data.passage_max_len = 128  # one bucket: one train and one eval program to compile
     c.train.num_steps, c.eval.every = 4, 2
     c.eval.loss_files = str(train_file)
@@ -172,12 +154,12 @@ def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_
         assert Path(tokenizer_dir, "tokenizer.json").is_file()
         return {"score": next(scores)}
 
-    summary = train(c, eval_fn)
+    summary = train(RunConfig.from_config_dict(c), eval_fn)
     assert summary["best"]["step"] == 2 and summary["best"]["score"] == 0.9
     assert len(set(seen)) == 3, "each evaluation sees the params of its step"
     info = json.loads((tmp_path / "run/best/best.json").read_text())
     assert info["step"] == 2 and info["metrics"]["score"] == 0.9
-    best = load_model_dir(tmp_path / "run/best")[1]
+    best = load_params(tmp_path / "run/best").params
     assert float(np.asarray(best["sparse_linear"]["bias"]).sum()) == pytest.approx(seen[1])
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/score" in r]
@@ -188,15 +170,16 @@ def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_
     assert (tmp_path / "run/model_info/m3_jax_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_plan_names_the_change(tmp_path, train_file, cache):
-    c = small_config(tmp_path / "run", train_file, cache)
+    c = demo_config(tmp_path / "run", train_file, cache)
     c.data.passage_max_len = 128  # one bucket to compile
     c.train.num_steps = c.train.save_every = 2
-    train(c)
+    train(RunConfig.from_config_dict(c))
     c.train.num_steps = 4
     c.data.batch_multiple = 16  # other batch sizes: (epoch, step) would name other batches
     with pytest.raises(ValueError, match="the checkpoint's batch plan .* differs"):
-        train(c)
+        train(RunConfig.from_config_dict(c))
 
 
 def test_plan_check_hints_at_batch_multiple_when_devices_change():

@@ -2,7 +2,7 @@
 
 Nothing here imports m3_jax's model, conversion or scoring code: the checkpoint directory is
 written with transformers/torch alone, and the reference outputs are computed from the formulas of
-FlagEmbedding's inference path (M3_SPEC §2, §3, §8):
+FlagEmbedding's inference path (BGEM3FlagModel: the three heads, their scores, compute_score):
 
 - dense   = normalize(H[:, 0])
 - sparse  = relu(sparse_linear(H)); dict {str(id): max w} over positions with w > 0 and

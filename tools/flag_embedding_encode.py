@@ -1,4 +1,5 @@
-"""The official side of tools/benchmark.py: FlagEmbedding's BGEM3FlagModel encoding a text file.
+"""The official side of tools/benchmark_encode.py: FlagEmbedding's BGEM3FlagModel encoding a text
+file.
 
     python tools/flag_embedding_encode.py MODEL_DIR TEXTS.json OUT_DIR --batch-size 32 --max-length 512
 

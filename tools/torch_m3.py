@@ -1,7 +1,8 @@
-"""The PyTorch side of tools/benchmark.py: FlagEmbedding's M3 encode and unified training step in
-fp32, on transformers' `XLMRobertaModel` plus nn.Linear heads holding an m3_jax params tree.
+"""The PyTorch side of tools/benchmark_encode.py and tools/benchmark_train.py: FlagEmbedding's
+M3 encode and unified training step in fp32, on transformers' `XLMRobertaModel` plus nn.Linear
+heads holding an m3_jax params tree.
 
-Training follows M3_SPEC §5 as FlagEmbedding codes it (`EncoderOnlyEmbedderM3Model`): dense,
+Training computes the unified M3 loss as FlagEmbedding's `EncoderOnlyEmbedderM3Model` does: dense,
 sparse, colbert and ensemble InfoNCE over in-batch negatives (or `m3_kd_loss` with teacher
 scores), self-distillation from the ensemble, L_final = (L + L') / 2. Sparse scores use
 scatter_reduce 'amax' vocab vectors; colbert uses the batched einsum maxsim, where padded passage
@@ -17,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from m3_jax.config import ModelConfig
+from m3_jax.config import LossConfig, ModelConfig, OptimConfig
 from m3_jax.convert.to_torch import ENCODER, torch_state_dicts
 from m3_jax.inference import lexical_weights
-from m3_jax.losses import LossConfig
-from m3_jax.model_dir import Params
-from m3_jax.training.optim import OptimConfig
+from m3_jax.model import Params
 
 TorchBatch = dict[str, torch.Tensor]
 
@@ -100,9 +99,9 @@ def m3_kd_loss(scores, teacher_probs, group_size):
 
 
 def m3_loss(q, p, q_mask, config: LossConfig, teacher_scores=None):
-    """The unified M3 loss with self-distillation over local in-batch negatives (M3_SPEC §5.1/5.2)."""
+    """The unified M3 loss with self-distillation over local in-batch negatives."""
     (q_dense, q_sparse, q_colbert), (p_dense, p_sparse, p_colbert) = q, p
-    tau, group_size = config.temperature, config.group_size
+    tau, group_size = config.temperature, p_dense.shape[0] // q_dense.shape[0]
     dense = q_dense @ p_dense.T / tau
     sparse = q_sparse @ p_sparse.T / tau
     maxsim = torch.einsum("qin,pjn->qipj", q_colbert, p_colbert).max(-1).values.sum(1)

@@ -19,19 +19,16 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
+from bench_common import GEOMETRIES
 
-from m3_jax import config as configs
 from m3_jax import flops, sharding
-from m3_jax.losses import LossConfig
-from m3_jax.model import M3Model
-from m3_jax.model_dir import abstract_params
+from m3_jax.config import LossConfig, OptimConfig
+from m3_jax.model import abstract_params, graphdef
 from m3_jax.training import sharded
-from m3_jax.training.optim import OptimConfig, make_optimizer
+from m3_jax.training.optim import make_optimizer
 from m3_jax.training.state import abstract_state
 from m3_jax.training.step import StepConfig
 
-GEOMETRIES = {"tiny": configs.tiny, "base": configs.base_size, "bge-m3": configs.bge_m3}
 GIB = 2**30
 
 
@@ -67,11 +64,10 @@ def random_batch(rng, queries, group, q_len, p_len, vocab) -> dict[str, np.ndarr
 def step_rows(args, config, tx) -> dict:
     mesh = sharding.make_mesh(1, -1, 1)
     shards = sharding.data_parallel_size(mesh)
-    loss = LossConfig(group_size=args.group_size, num_shards=shards)
+    loss = LossConfig(num_shards=shards)
     step_config = StepConfig(loss, args.sub_batch_size, dropout=False, data_shards=shards)
     layout = sharded.state_shardings(config, tx, mesh, sharding.FSDP_RULES)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0))))
-    step_fn = sharded.jit_train_step(graphdef, tx, step_config, layout, mesh)
+    step_fn = sharded.jit_train_step(graphdef(config), tx, step_config, layout, mesh)
     shape = (args.queries, args.query_length, args.passage_length)
     batch_spec = sharded.batch_spec(shape, args.group_size, with_teacher=False)
     state_spec = sharded.with_shardings(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from m3_jax.config import ATTENTION_IMPLS
+from m3_jax.inference import M3Embedder
 
 # Errors a user can fix (bad input, missing files, changed settings): one line on stderr, exit 1.
 # argparse reports bad command lines itself, with exit code 2.
@@ -29,7 +30,9 @@ def floats(text: str) -> tuple[float, ...]:
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument(
-        "--model", required=True, help="m3_jax model directory, BGE-M3 PyTorch directory or hub id"
+        "--model",
+        required=True,
+        help="m3_jax model directory, training run, BGE-M3 PyTorch directory or hub id",
     )
     parser.add_argument(
         "--dtype", default=None, help="compute dtype, e.g. bfloat16 (None: the model's, float32)"
@@ -46,8 +49,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
 
 def load_embedder(args: argparse.Namespace, **kwargs: Any):
     """An M3Embedder from the options of `add_model_arguments` (kwargs go to its constructor)."""
-    from m3_jax.inference import M3Embedder
-
     return M3Embedder.from_pretrained(
         args.model,
         dtype=args.dtype,

@@ -18,6 +18,8 @@ import argparse
 import time
 
 from m3_jax.cli.common import HelpFormatter
+from m3_jax.convert.from_torch import convert_checkpoint
+from m3_jax.convert.to_torch import convert_to_pytorch
 
 
 def add_from_pytorch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +36,6 @@ def add_from_pytorch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_pytorch(args: argparse.Namespace) -> int:
-    from m3_jax.convert.from_torch import convert_checkpoint
-
     start = time.perf_counter()
     out = convert_checkpoint(
         args.src, args.out, fresh_heads=args.fresh_heads, cache_dir=args.cache_dir
@@ -71,8 +71,6 @@ def add_to_pytorch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_to_pytorch(args: argparse.Namespace) -> int:
-    from m3_jax.convert.to_torch import convert_to_pytorch
-
     start = time.perf_counter()
     out = convert_to_pytorch(
         args.ckpt,

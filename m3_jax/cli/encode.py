@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from m3_jax.cli.common import add_model_arguments, load_embedder
-from m3_jax.cli.inputs import InputError, read_texts
+from m3_jax.cli.inputs import read_texts
 from m3_jax.evaluation.encoding import (
     OUTPUTS,
     SHARD_FORMATS,
@@ -37,6 +37,8 @@ from m3_jax.evaluation.encoding import (
     load_shard,
     shard_path,
 )
+from m3_jax.inference import DEFAULT_BATCH_SIZE
+from m3_jax.input_files import InputError
 
 SPARSE_FORMATS = ("dict", "indices")
 COLBERT_INDEX = "colbert_index.npy"
@@ -69,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--colbert-format", default="npz", choices=SHARD_FORMATS, help="shard file format"
     )
-    add_model_arguments(parser, batch_size=256)
+    add_model_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:

@@ -1,9 +1,9 @@
 """Retrieval evaluation of an M3 model in the paper's modes, on a BEIR- or MIRACL-format dataset.
 
     m3-jax evaluate --model checkpoints/bge-m3 --data data/scifact \\
-        --modes dense,sparse,colbert,dense+sparse,all --out results/scifact
+        --modes dense,sparse,colbert,sparse+dense,colbert+sparse+dense --out results/scifact
 
---model is an m3_jax model directory or a BGE-M3 PyTorch directory. Prints a table like the paper's
+--model is an m3_jax model directory, a training run or a BGE-M3 PyTorch directory. Prints a table like the paper's
 (metrics as rows, modes as columns) and writes OUT/metrics.json and one TREC run file per mode
 (OUT/runs/<mode>.trec; OUT defaults to eval_results/<data dir name>). With --cache, corpus
 embeddings are kept in resumable shards.
@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 from m3_jax.cli.common import add_model_arguments, floats, load_embedder
-from m3_jax.evaluation.modes import MODES, RetrievalSettings
+from m3_jax.config import EvalConfig
+from m3_jax.evaluation.datasets import load_dataset
+from m3_jax.evaluation.evaluate import evaluate_embedder
+from m3_jax.evaluation.modes import RetrievalSettings
+from m3_jax.scores import MODE_ALIASES, MODES
+
+DEFAULTS = RetrievalSettings()
 
 
 def format_table(metrics: dict[str, dict[str, float]], scale: float = 100.0) -> str:
@@ -38,18 +44,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default=None, help="qrels split (None: BEIR test, MIRACL dev, else the only one)"
     )
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated of {', '.join(MODES)} (aliases: {', '.join(MODE_ALIASES)}); "
+        "None: all five",
+    )
     parser.add_argument("--k", default="10,100", help="metric cutoffs, e.g. 10,100")
     parser.add_argument("--measures", default="ndcg,recall,mrr", help="ndcg, recall, mrr")
-    parser.add_argument("--top-k", type=int, default=1000, help="first-stage depth (paper: 1000)")
     parser.add_argument(
-        "--rerank-depth", type=int, default=200, help="dense candidates for colbert and all"
+        "--top-k", type=int, default=DEFAULTS.top_k, help="first-stage depth (paper: 1000)"
     )
     parser.add_argument(
-        "--dense-sparse-weights", type=floats, default=(1.0, 0.3), help="dense+sparse weights"
+        "--rerank-depth",
+        type=int,
+        default=DEFAULTS.rerank_depth,
+        help="dense candidates reranked by colbert and colbert+sparse+dense",
     )
     parser.add_argument(
-        "--all-weights", type=floats, default=(1.0, 0.3, 1.0), help="dense,sparse,colbert for all"
+        "--dense-sparse-weights",
+        type=floats,
+        default=DEFAULTS.dense_sparse_weights,
+        help="dense,sparse weights of sparse+dense",
+    )
+    parser.add_argument(
+        "--all-weights",
+        type=floats,
+        default=DEFAULTS.all_weights,
+        help="dense,sparse,colbert weights of colbert+sparse+dense",
     )
     parser.add_argument(
         "--query-max-length", type=int, default=None, help="query tokens (None: 512 or the model's)"
@@ -67,16 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory for metrics.json and runs/<mode>.trec (None: eval_results/<data dir name>)",
     )
-    add_model_arguments(parser, batch_size=64)
+    add_model_arguments(parser, batch_size=EvalConfig.batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
-    from m3_jax.evaluation.datasets import load_dataset
-    from m3_jax.evaluation.evaluate import evaluate_embedder
-
     out = Path(args.out) if args.out else Path("eval_results") / Path(args.data).resolve().name
     start = time.perf_counter()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = MODES if args.modes is None else args.modes.split(",")
     settings = RetrievalSettings(
         top_k=args.top_k,
         rerank_depth=args.rerank_depth,

@@ -1,30 +1,18 @@
 """Reading texts and (query, passage) pairs from .jsonl, .tsv and .txt files.
 
-Every problem is reported as `FILE:LINE: what is wrong`: a missing field, an empty value, a wrong
-number of tab-separated columns, a repeated id. Blank lines are skipped (as in every reader of
-`m3_jax.evaluation.datasets`); the outputs follow the rows that remain.
+Every problem is reported as `FILE:LINE: what is wrong` (`m3_jax.input_files`): a missing field,
+an empty value, a wrong number of tab-separated columns, a repeated id, a byte that is not UTF-8.
+Blank lines are skipped; the outputs follow the rows that remain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from m3_jax.evaluation.datasets import read_field, read_jsonl
+from m3_jax.input_files import InputError, read_field, read_jsonl, read_lines
 
 SUFFIXES = (".jsonl", ".tsv", ".txt")
-
-
-class InputError(ValueError):
-    """Bad input file content; the message names the file and line."""
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its line break) per non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield number, line.rstrip("\r\n")
 
 
 def _tsv_row(line: str, where: str, fields: Sequence[str], required: Sequence[str]) -> tuple:
@@ -47,8 +35,7 @@ def _tsv_row(line: str, where: str, fields: Sequence[str], required: Sequence[st
 def _rows(path: Path, fields: Sequence[str], required: Sequence[str], keys: Sequence[str]):
     """(where, values of `fields`) per row; a .jsonl row reads field i under keys[i]."""
     if path.suffix == ".jsonl":
-        for number, record in read_jsonl(path):
-            where = f"{path}:{number}"
+        for where, record in read_jsonl(path):
             yield (
                 where,
                 tuple(
@@ -57,8 +44,7 @@ def _rows(path: Path, fields: Sequence[str], required: Sequence[str], keys: Sequ
                 ),
             )
         return
-    for number, line in _lines(path):
-        where = f"{path}:{number}"
+    for where, line in read_lines(path):
         if path.suffix == ".tsv":
             yield where, _tsv_row(line, where, fields, required)
         else:

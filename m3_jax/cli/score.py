@@ -4,7 +4,7 @@
     m3-jax score --model checkpoints/bge-m3 --input pairs.tsv --output scores.jsonl
 
 --input: .tsv (query <TAB> passage) or .jsonl (--query-field, --passage-field). Writes one JSON
-object per pair, in input order, with the scores "colbert", "sparse", "dense", "sparse+dense" and
+object per pair, in input order, with the scores "dense", "sparse", "colbert", "sparse+dense" and
 "colbert+sparse+dense" (the last two weighted by --weights dense,sparse,colbert), to stdout or
 --output.
 """
@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 from m3_jax.cli.common import add_model_arguments, floats, load_embedder
-from m3_jax.cli.inputs import InputError, read_pairs
-from m3_jax.inference import SCORE_MODES
+from m3_jax.cli.inputs import read_pairs
+from m3_jax.inference import DEFAULT_BATCH_SIZE
+from m3_jax.input_files import InputError
+from m3_jax.scores import MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="passage tokens (None: 512 or the model's)",
     )
-    add_model_arguments(parser, batch_size=256)
+    add_model_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
 
 
 def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -64,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         weights_for_different_modes=args.weights,
     )
     lines = "".join(
-        json.dumps({mode: result[mode][i] for mode in SCORE_MODES}) + "\n"
-        for i in range(len(pairs))
+        json.dumps({mode: result[mode][i] for mode in MODES}) + "\n" for i in range(len(pairs))
     )
     if args.output is None:
         sys.stdout.write(lines)

@@ -5,7 +5,7 @@
 
 --config FILE[:ARG] names a Python file whose `get_config(ARG)` returns an ml_collections
 ConfigDict; any value is overridden with --config.KEY=VALUE (absl flags, parsed by ml_collections'
-config_flags). --help lists every key with its default.
+config_flags). --help lists every key with its default and what it does.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The repository's configs/ (present in a checkout or an editable install): the keys listed by
-# --help when no --config is given.
-BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "base.py"
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from m3_jax.config import EvalConfig, RunConfig
+from m3_jax.evaluation import evaluate_heldout, evaluate_retrieval
+from m3_jax.sharding import initialize_distributed
+from m3_jax.training.loop import train
 
 
 def config_file(argv: Sequence[str]) -> str | None:
@@ -53,33 +58,21 @@ def load_config(spec: str) -> Any:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def flat_items(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every leaf of a ConfigDict."""
-    for key, value in config.items():
-        if hasattr(value, "items"):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def help_text(spec: str | None) -> str:
-    """This module's usage, then every config key with its default (from FILE, else base.py)."""
-    if spec is None and BASE_CONFIG.is_file():
-        spec = str(BASE_CONFIG)
+    """This module's usage, then every config key: its value in FILE (the defaults without one)
+    and its description."""
+    config = RunConfig.from_config_dict(load_config(spec)) if spec else RunConfig()
     lines = ["usage: m3-jax train --config FILE[:ARG] [--config.KEY=VALUE ...]", "", __doc__]
-    if spec is None:
-        lines.append("Add --config FILE to list its keys and defaults.")
-    else:
-        lines.append(f"Config keys and their defaults in {spec}:")
-        lines += [f"  --config.{key}={value!r}" for key, value in flat_items(load_config(spec))]
+    lines.append(f"Config keys and their values in {spec or 'the defaults'}:")
+    rows = config.doc_lines()
+    width = max(len(f"--config.{key}={value!r}") for key, value, _ in rows)
+    for key, value, doc in rows:
+        lines.append(f"  {f'--config.{key}={value!r}':<{width}}  {doc}")
     return "\n".join(lines)
 
 
-def eval_fn_from_config(e: Any):
+def eval_fn_from_config(e: EvalConfig):
     """Retrieval evaluation on `eval.dataset` (BEIR / MIRACL), or the demo's held-out files."""
-    from m3_jax.evaluation import evaluate_retrieval
-    from m3_jax.evaluation.heldout import evaluate_heldout
-
     if e.dataset:
         return lambda config, params, tokenizer_dir: evaluate_retrieval(
             config,
@@ -104,31 +97,23 @@ def eval_fn_from_config(e: Any):
     return None
 
 
-def train_from_config(cfg: Any) -> None:
-    from absl import logging as absl_logging
-
-    from m3_jax.sharding import initialize_distributed
-    from m3_jax.training.loop import train
-
+def train_from_config(run: RunConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Library chatter (orbax logs every save at INFO through absl) would drown the metrics.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("m3_jax").setLevel(logging.INFO)
-    if cfg.distributed.initialize:
-        d = cfg.distributed
-        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
-    summary = train(cfg, eval_fn_from_config(cfg.eval))
+    if run.distributed.initialize:
+        initialize_distributed(run.distributed)
+    summary = train(run, eval_fn_from_config(run.eval))
     print(
         {k: v for k, v in summary.items() if k.startswith("eval") or k in ("final_step", "export")}
     )
+    return summary
 
 
 def run(argv: Sequence[str], prog: str = "m3-jax train") -> int:
     """Parses absl flags from `argv` (without the program name) and trains; once per process,
     since absl flags are global. A bad command line gives exit code 2."""
-    from absl import flags
-    from ml_collections import config_flags
-
     spec = config_file(argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(spec))
@@ -147,5 +132,10 @@ def run(argv: Sequence[str], prog: str = "m3-jax train") -> int:
     except (flags.Error, AttributeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    train_from_config(config.value)
+    try:
+        run = RunConfig.from_config_dict(config.value)
+    except (TypeError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    train_from_config(run)
     return 0

@@ -25,7 +25,8 @@ from m3_jax.convert.layout import (
     set_path,
     tensor_mappings,
 )
-from m3_jax.model_dir import Params, check_params, save_model_dir
+from m3_jax.model import Params, check_params, init_params
+from m3_jax.run_dir import save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,7 @@ def load_bge_m3(
 
 
 def _fresh_heads(config: ModelConfig, seed: int) -> Params:
-    from flax import nnx
-
-    from m3_jax.model import M3Model
-
-    model = M3Model(config.replace(num_hidden_layers=0), rngs=nnx.Rngs(seed))
-    full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    full = init_params(config.replace(num_hidden_layers=0, param_dtype="float32"), seed)
     heads = {k: full[k] for k in ("colbert_linear", "sparse_linear")}
     return jax.tree.map(lambda x: np.asarray(x, np.float32), heads)
 

@@ -1,4 +1,4 @@
-"""m3_jax params → a directory in the exact BGE-M3 release layout (M3_SPEC §4).
+"""m3_jax params → a directory in the exact BGE-M3 release layout (the files of BAAI/bge-m3 on the Hugging Face hub).
 
 Written files: `config.json` (transformers XLMRobertaModel), `model.safetensors` (and
 `pytorch_model.bin` on request), `colbert_linear.pt` and `sparse_linear.pt` (nn.Linear state dicts,
@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from m3_jax.config import ModelConfig
 from m3_jax.convert.layout import COLBERT_FILE, SPARSE_FILE, get_path, tensor_mappings
-from m3_jax.model_dir import Params, check_params, copy_tokenizer_files
+from m3_jax.loading import load_params
+from m3_jax.model import Params, check_params
+from m3_jax.run_dir import copy_tokenizer_files
 
 ENCODER = "encoder"
 SAFETENSORS_FILE = "model.safetensors"
@@ -192,13 +194,10 @@ def convert_to_pytorch(
     tokenizer_dir: str | os.PathLike | None = None,
     **export_kwargs,
 ) -> Path:
-    """A model directory or training run (see `convert.sources`) → the BGE-M3 PyTorch layout."""
-    from m3_jax.convert.sources import load_params_source
-
+    """Anything `load_params` reads (a model directory, a training run or one of its steps) →
+    the BGE-M3 PyTorch layout."""
     _check_out_dir(Path(out), export_kwargs.get("overwrite", False))
-    src = load_params_source(
-        source, step=step, config_file=config_file, tokenizer_dir=tokenizer_dir
-    )
+    src = load_params(source, step=step, config_file=config_file, tokenizer_dir=tokenizer_dir)
     return export_torch_dir(
         src.config, src.params, out, tokenizer_source=src.tokenizer_dir, **export_kwargs
     )

@@ -19,23 +19,19 @@ import grain
 import jax
 import numpy as np
 
-from m3_jax.data.buckets import (
-    DEFAULT_PASSAGE_LENGTHS,
+from m3_jax.bucketing import lengths_up_to, pad
+from m3_jax.config import DataConfig
+from m3_jax.data.plan import (
     BatchSizing,
     PlannedBatch,
     assign_buckets,
     batches_per_epoch,
     epoch_plan,
     measure_lengths,
-    passage_bucket_lengths,
 )
-from m3_jax.data.records import DataError, Record
-from m3_jax.data.sampler import (
-    apply_instructions,
-    check_instruction_format,
-    check_record_for_group,
-    sample_group,
-)
+from m3_jax.data.records import Record
+from m3_jax.data.sampler import apply_instructions, check_record_for_group, sample_group
+from m3_jax.input_files import InputError
 from m3_jax.tokenization import tokenize
 
 HostBatch = dict[str, np.ndarray]
@@ -67,73 +63,47 @@ class LoaderPosition:
         return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoaderSettings:
-    """Everything that shapes the batches (apart from the records and the tokenizer).
-
-    sizing: per-bucket global batch sizes; its `batch_multiple` must be a multiple of the
-        process count (and is normally the number of data-parallel shards).
-    bucket_lengths: candidate passage lengths, capped at `passage_max_len`.
-    with_teacher_scores: add `teacher_scores` [b, G] to each batch (every record needs scores).
-    sort_negatives_by_teacher: order each group's negatives by teacher score, descending
-        (old FlagEmbedding; matters for the m3 KD loss).
-    num_threads, prefetch: grain threads building batches ahead, and how many batches ahead.
-    """
-
-    sizing: BatchSizing
-    seed: int = 0
-    group_size: int = 8
-    query_max_len: int = 32
-    passage_max_len: int = 128
-    bucket_lengths: tuple[int, ...] = DEFAULT_PASSAGE_LENGTHS
-    merge_small_buckets: bool = True
-    query_instruction: str | None = None
-    passage_instruction: str | None = None
-    instruction_format: str = "{}{}"
-    with_teacher_scores: bool = False
-    sort_negatives_by_teacher: bool = False
-    num_threads: int = 2
-    prefetch: int = 4
-
-    def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"LoaderSettings.seed must be non-negative, got {self.seed}")
-        for name in ("group_size", "query_max_len", "passage_max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"LoaderSettings.{name} must be positive, got {getattr(self, name)}"
-                )
-        # <s> and </s> take two tokens; a shorter limit leaves no room for text.
-        if min(self.query_max_len, self.passage_max_len) < 3:
-            raise ValueError("query_max_len and passage_max_len must be at least 3")
-        check_instruction_format(self.instruction_format)
+# grain builds batches in this many background threads, this many batches ahead of the step.
+NUM_THREADS = 2
+PREFETCH = 4
 
 
 class TrainLoader:
-    """Host batches for process `process_index` of `process_count`, for any (epoch, step)."""
+    """Host batches for process `process_index` of `process_count`, for any (epoch, step).
+
+    data: what shapes the batches; seed: the plan's and the groups' seed; batch_multiple: global
+    batch sizes are multiples of it (`data.batch_multiple` resolved; normally the number of
+    data-parallel shards, and always a multiple of the process count).
+    """
 
     def __init__(
         self,
         records: Sequence[Record],
         tokenizer: Any,
-        settings: LoaderSettings,
+        data: DataConfig,
         *,
+        seed: int,
+        batch_multiple: int,
         process_index: int = 0,
         process_count: int = 1,
         progress: bool | None = None,
     ) -> None:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if settings.sizing.batch_multiple % process_count:
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        if batch_multiple % process_count:
             raise ValueError(
-                f"batch_multiple {settings.sizing.batch_multiple} is not a multiple of "
+                f"batch_multiple {batch_multiple} is not a multiple of "
                 f"process_count {process_count}, so a global batch cannot split evenly"
             )
-        needs_scores = settings.with_teacher_scores or settings.sort_negatives_by_teacher
+        needs_scores = data.knowledge_distillation or data.sort_negatives_by_teacher
         for record in records:
-            check_record_for_group(record, settings.group_size, needs_scores=needs_scores)
+            check_record_for_group(record, data.group_size, needs_scores=needs_scores)
         self.records = list(records)
-        self.settings = settings
+        self.data = data
+        self.seed = seed
+        self.sizing = BatchSizing.from_data(data, batch_multiple)
         self.process_index = process_index
         self.process_count = process_count
         self.pad_id = int(tokenizer.pad_token_id)
@@ -144,28 +114,20 @@ class TrainLoader:
         self._plans: dict[int, list[PlannedBatch]] = {}
         self._plan_lock = threading.Lock()
         self.query_lens, self.passage_lens = measure_lengths(
-            self.records,
-            tokenizer,
-            query_max_len=settings.query_max_len,
-            passage_max_len=settings.passage_max_len,
-            query_instruction=settings.query_instruction,
-            passage_instruction=settings.passage_instruction,
-            instruction_format=settings.instruction_format,
-            progress=progress,
+            self.records, tokenizer, data, progress=progress
         )
         self.example_buckets, self.buckets = assign_buckets(
             self.query_lens,
             self.passage_lens,
-            lengths=passage_bucket_lengths(settings.passage_max_len, settings.bucket_lengths),
-            group_size=settings.group_size,
-            sizing=settings.sizing,
-            merge_small=settings.merge_small_buckets,
+            lengths=lengths_up_to(data.passage_buckets, data.passage_max_len),
+            group_size=data.group_size,
+            sizing=self.sizing,
         )
         self.steps_per_epoch = batches_per_epoch(self.example_buckets, self.buckets)
         if self.steps_per_epoch == 0:
-            raise DataError(
+            raise InputError(
                 f"{len(self.records)} records: no length bucket holds enough of them for one "
-                f"global batch with {settings.sizing}; lower the batch size or add data"
+                f"global batch with {self.sizing}; lower the batch size or add data"
             )
 
     @property
@@ -184,7 +146,7 @@ class TrainLoader:
                 if len(self._plans) >= 2:
                     self._plans.pop(min(self._plans))
                 self._plans[epoch] = epoch_plan(
-                    self.example_buckets, self.buckets, seed=self.settings.seed, epoch=epoch
+                    self.example_buckets, self.buckets, seed=self.seed, epoch=epoch
                 )
             return self._plans[epoch]
 
@@ -209,51 +171,35 @@ class TrainLoader:
         position = self.normalize(position)
         planned = self.plan(position.epoch)[position.step]
         bucket = self.buckets[planned.bucket_index]
-        s = self.settings
+        d = self.data
         rows = bucket.batch_size // self.process_count
         first = self.process_index * rows
         queries, passages, scores = [], [], []
         for row in range(first, first + rows):
             record = self.records[planned.example_indices[row]]
-            rng = np.random.default_rng((s.seed, position.epoch, position.step, row))
+            rng = np.random.default_rng((self.seed, position.epoch, position.step, row))
             group = sample_group(
-                record, s.group_size, rng, sort_negatives_by_teacher=s.sort_negatives_by_teacher
+                record, d.group_size, rng, sort_negatives_by_teacher=d.sort_negatives_by_teacher
             )
-            query, texts = apply_instructions(
-                record.query,
-                group.passages,
-                query_instruction=s.query_instruction,
-                passage_instruction=s.passage_instruction,
-                prompt=record.prompt,
-                instruction_format=s.instruction_format,
-            )
+            query, texts = apply_instructions(record.query, group.passages, record.prompt, d)
             queries.append(query)
             passages.extend(texts)
-            if s.with_teacher_scores:
+            if d.knowledge_distillation:
                 scores.append(group.teacher_scores)
         with self._tokenizer_lock:
-            query_tokens = tokenize(self.tokenizer, queries, s.query_max_len)
-            passage_tokens = tokenize(self.tokenizer, passages, s.passage_max_len)
+            query_tokens = tokenize(self.tokenizer, queries, d.query_max_len)
+            passage_tokens = tokenize(self.tokenizer, passages, d.passage_max_len)
+        # measure_lengths tokenized the same texts, so every sequence fits its bucket.
         batch = {}
-        batch["query_ids"], batch["query_mask"] = self._pad(query_tokens, bucket.query_len)
-        batch["passage_ids"], batch["passage_mask"] = self._pad(passage_tokens, bucket.passage_len)
-        if s.with_teacher_scores:
+        batch["query_ids"], batch["query_mask"] = pad(
+            query_tokens, len(query_tokens), bucket.query_len, self.pad_id
+        )
+        batch["passage_ids"], batch["passage_mask"] = pad(
+            passage_tokens, len(passage_tokens), bucket.passage_len, self.pad_id
+        )
+        if d.knowledge_distillation:
             batch["teacher_scores"] = np.stack(scores).astype(np.float32)
         return batch
-
-    def _pad(self, token_ids: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(token_ids), length), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(token_ids), length), dtype=np.int32)
-        for row, seq in enumerate(token_ids):
-            if len(seq) > length:
-                # measure_lengths tokenized the same texts, so this means the tokenizer changed.
-                raise RuntimeError(
-                    f"a sequence of {len(seq)} tokens does not fit its bucket length {length}; "
-                    "the tokenizer must be the one the loader measured lengths with"
-                )
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        return ids, mask
 
     def _item(self, epoch: int, step: int) -> tuple[LoaderPosition, HostBatch]:
         batch = self.host_batch(LoaderPosition(epoch, step))
@@ -271,22 +217,12 @@ class TrainLoader:
             dataset = grain.MapDataset.range(position.step, self.steps_per_epoch).map(
                 functools.partial(self._item, epoch)
             )
-            if self.settings.num_threads and self.settings.prefetch:
-                options = grain.ReadOptions(
-                    num_threads=self.settings.num_threads,
-                    prefetch_buffer_size=self.settings.prefetch,
-                )
-                iterator = iter(dataset.to_iter_dataset(options))
-            else:
-                # In the caller's thread (older grain cannot make a pool of zero threads).
-                iterator = iter(dataset[i] for i in range(len(dataset)))
+            options = grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH)
+            iterator = iter(dataset.to_iter_dataset(options))
             try:
                 yield from iterator
             finally:
-                # Stops the prefetch threads at once if the caller stops early (newer grain).
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
+                iterator.close()  # stops the prefetch threads at once if the caller stops early
             position = LoaderPosition(epoch + 1, 0)
 
 

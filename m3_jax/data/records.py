@@ -1,4 +1,4 @@
-"""Training records from FlagEmbedding-style jsonl files (M3_SPEC §6.1), validated up front.
+"""Training records from FlagEmbedding-style jsonl files, validated up front.
 
 One JSON object per line: `{"query": str, "pos": [str, ...], "neg": [str, ...]}`, optionally with
 teacher scores `pos_scores`/`neg_scores` aligned with `pos`/`neg`, a per-record query `prompt` and a
@@ -9,19 +9,16 @@ deep in a file fails before training starts, with the file, line and field in th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The `type` values of the new FlagEmbedding `AbsDataset` (M3_SPEC §6.1).
+from m3_jax.input_files import InputError, read_jsonl
+
+# The `type` values of the new FlagEmbedding `AbsDataset`.
 RECORD_TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")
 DATA_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """Malformed training data; the message starts with `path:line`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +44,12 @@ def data_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
             if not found:
-                raise DataError(f"{path}: directory holds no {' or '.join(DATA_SUFFIXES)} files")
+                raise InputError(f"{path}: directory holds no {' or '.join(DATA_SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise DataError(f"{path}: no such file or directory")
+            raise InputError(f"{path}: no such file or directory")
     return files
 
 
@@ -63,50 +60,34 @@ def read_records(paths: str | Path | Sequence[str | Path]) -> list[Record]:
     for path in files:
         records.extend(_read_file(path))
     if not records:
-        raise DataError(f"{', '.join(map(str, files))}: no records (every line is blank)")
+        raise InputError(f"{', '.join(map(str, files))}: no records (every line is blank)")
     return records
 
 
 def _read_file(path: Path) -> list[Record]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            records.append(parse_record(obj, where))
-    return records
+    return [parse_record(obj, where) for where, obj in read_jsonl(path)]
 
 
 def parse_record(obj: Any, where: str) -> Record:
     """A validated `Record` from one decoded JSON value; `where` is `path:line`."""
-    if not isinstance(obj, dict):
-        raise DataError(
-            f"{where}: expected a JSON object per line, got {type(obj).__name__} "
-            "(.json files are read as JSON lines too)"
-        )
     query = obj.get("query")
     if not isinstance(query, str) or not query.strip():
-        raise DataError(f"{where}: field 'query': {_describe_missing(obj, 'query')}")
+        raise InputError(f"{where}: field 'query': {_describe_missing(obj, 'query')}")
     pos = _texts(obj, "pos", where, required=True)
     neg = _texts(obj, "neg", where, required=False)
     pos_scores = _scores(obj, "pos_scores", len(pos), "pos", where)
     neg_scores = _scores(obj, "neg_scores", len(neg), "neg", where)
     # Knowledge distillation needs a score for every passage of a group, so half a set is a mistake.
     if pos_scores is not None and neg_scores is None and neg:
-        raise DataError(f"{where}: field 'neg_scores': missing while 'pos_scores' is given")
+        raise InputError(f"{where}: field 'neg_scores': missing while 'pos_scores' is given")
     if neg_scores is not None and pos_scores is None:
-        raise DataError(f"{where}: field 'pos_scores': missing while 'neg_scores' is given")
+        raise InputError(f"{where}: field 'pos_scores': missing while 'neg_scores' is given")
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
-        raise DataError(f"{where}: field 'prompt': expected a string, got {type(prompt).__name__}")
+        raise InputError(f"{where}: field 'prompt': expected a string, got {type(prompt).__name__}")
     record_type = obj.get("type")
     if record_type is not None and record_type not in RECORD_TYPES:
-        raise DataError(
+        raise InputError(
             f"{where}: field 'type': unknown value {record_type!r}; expected one of "
             f"{', '.join(RECORD_TYPES)}"
         )
@@ -126,21 +107,21 @@ def _texts(obj: dict, field: str, where: str, *, required: bool) -> tuple[str, .
     value = obj.get(field)
     if value is None:
         if required:
-            raise DataError(f"{where}: field '{field}': missing; expected a list of strings")
+            raise InputError(f"{where}: field '{field}': missing; expected a list of strings")
         return ()
     if not isinstance(value, list):
-        raise DataError(
+        raise InputError(
             f"{where}: field '{field}': expected a list of strings, got {type(value).__name__}"
         )
     if required and not value:
-        raise DataError(f"{where}: field '{field}': empty list; at least one passage is needed")
+        raise InputError(f"{where}: field '{field}': empty list; at least one passage is needed")
     for index, text in enumerate(value):
         if not isinstance(text, str):
-            raise DataError(
+            raise InputError(
                 f"{where}: field '{field}[{index}]': expected a string, got {type(text).__name__}"
             )
         if not text.strip():
-            raise DataError(f"{where}: field '{field}[{index}]': empty or blank string")
+            raise InputError(f"{where}: field '{field}[{index}]': empty or blank string")
     return tuple(value)
 
 
@@ -151,20 +132,20 @@ def _scores(
     if value is None:
         return None
     if not isinstance(value, list):
-        raise DataError(
+        raise InputError(
             f"{where}: field '{field}': expected a list of numbers, got {type(value).__name__}"
         )
     if len(value) != expected:
-        raise DataError(
+        raise InputError(
             f"{where}: field '{field}': {len(value)} scores for {expected} '{texts_field}' "
             "passages; they must be index-aligned"
         )
     for index, score in enumerate(value):
         # bool is an int subclass in Python, but `true` is never a meaningful teacher score.
         if isinstance(score, bool) or not isinstance(score, int | float):
-            raise DataError(
+            raise InputError(
                 f"{where}: field '{field}[{index}]': expected a number, got {score!r:.40}"
             )
         if not math.isfinite(score):
-            raise DataError(f"{where}: field '{field}[{index}]': not finite ({score})")
+            raise InputError(f"{where}: field '{field}[{index}]': not finite ({score})")
     return tuple(float(s) for s in value)

@@ -1,6 +1,7 @@
 """One training group per record: 1 positive + G-1 negatives, and the instruction prefixes.
 
-The sampling follows FlagEmbedding (M3_SPEC §6.2) but draws from an explicit numpy Generator, so
+The sampling follows FlagEmbedding's `AbsEmbedderTrainDataset` (a positive drawn uniformly, the
+negatives sampled without replacement, repeated when too few) but draws from an explicit numpy Generator, so
 the loader can make every group a pure function of (seed, epoch, step, row).
 """
 
@@ -12,7 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3_jax.data.records import DataError, Record
+from m3_jax.config import DataConfig
+from m3_jax.data.records import Record
+from m3_jax.input_files import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,21 +27,21 @@ class Group:
 
 
 def check_record_for_group(record: Record, group_size: int, *, needs_scores: bool) -> None:
-    """Raises DataError (naming the record's `path:line`) if `record` cannot fill a group."""
+    """Raises InputError (naming the record's `path:line`) if `record` cannot fill a group."""
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     if group_size > 1 and not record.neg:
-        raise DataError(
+        raise InputError(
             f"{record.source}: field 'neg': missing or empty, but group_size={group_size} needs "
             f"{group_size - 1} negatives per query"
         )
     if needs_scores:
         if record.pos_scores is None:
-            raise DataError(
+            raise InputError(
                 f"{record.source}: field 'pos_scores': missing, but teacher scores are requested"
             )
         if group_size > 1 and record.neg_scores is None:
-            raise DataError(
+            raise InputError(
                 f"{record.source}: field 'neg_scores': missing, but teacher scores are requested"
             )
 
@@ -46,7 +49,7 @@ def check_record_for_group(record: Record, group_size: int, *, needs_scores: boo
 def sample_negative_indices(num_negatives: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` indices into the negatives: without replacement when there are enough; otherwise
     the index list is repeated ceil(count / n) times and sampled from, so repeats are possible
-    (FlagEmbedding's behaviour, M3_SPEC §6.2)."""
+    (FlagEmbedding's behaviour)."""
     pool = np.arange(num_negatives)
     if num_negatives < count:
         pool = np.tile(pool, math.ceil(count / num_negatives))
@@ -64,7 +67,8 @@ def sample_group(
 
     Teacher scores are returned, aligned with the passages, whenever the record has them.
     `sort_negatives_by_teacher` orders the sampled negatives by teacher score, descending, as the
-    old FlagEmbedding loader did; the order matters for the m3 KD loss (M3_SPEC §5.2).
+    old FlagEmbedding loader did; the order matters for the m3 KD loss, where each member competes
+    with the members after it.
     """
     check_record_for_group(record, group_size, needs_scores=sort_negatives_by_teacher)
     pos_index = int(rng.integers(len(record.pos)))
@@ -93,37 +97,19 @@ def sample_group(
     return Group(passages, teacher_scores)
 
 
-def check_instruction_format(instruction_format: str) -> None:
-    """The format must place both the instruction and the text, in that order."""
-    try:
-        probe = instruction_format.format("\x00I", "\x00T")
-    except (IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"instruction_format {instruction_format!r} is invalid: {e}") from None
-    if probe.find("\x00I") < 0 or probe.find("\x00T") < probe.find("\x00I"):
-        raise ValueError(
-            f"instruction_format {instruction_format!r} must contain two '{{}}' fields: "
-            "the instruction, then the text"
-        )
-
-
 def apply_instructions(
-    query: str,
-    passages: Sequence[str],
-    *,
-    query_instruction: str | None,
-    passage_instruction: str | None,
-    prompt: str | None,
-    instruction_format: str = "{}{}",
+    query: str, passages: Sequence[str], prompt: str | None, data: DataConfig
 ) -> tuple[str, list[str]]:
-    """The query and passages with their instruction prefixes.
+    """The query and passages with their instruction prefixes (`data.query_instruction`,
+    `data.passage_instruction`, joined by `data.instruction_format`).
 
-    A record's `prompt` replaces `query_instruction` (an empty prompt means no prefix). A missing
-    instruction adds nothing: the new FlagEmbedding code can prefix the literal text "None"
-    (M3_SPEC §6.2), which we do not copy.
+    A record's `prompt` replaces the query instruction (an empty prompt means no prefix). A
+    missing instruction adds nothing: the new FlagEmbedding code can prefix the literal text
+    "None" when no instruction is set, which we do not copy.
     """
-    instruction = prompt if prompt is not None else query_instruction
+    instruction = prompt if prompt is not None else data.query_instruction
     if instruction:
-        query = instruction_format.format(instruction, query)
-    if passage_instruction:
-        passages = [instruction_format.format(passage_instruction, p) for p in passages]
+        query = data.instruction_format.format(instruction, query)
+    if data.passage_instruction:
+        passages = [data.instruction_format.format(data.passage_instruction, p) for p in passages]
     return query, list(passages)

@@ -3,7 +3,9 @@ TREC run files and trec_eval metrics. `evaluate_retrieval` is the one call for i
 
 from m3_jax.evaluation.datasets import RetrievalDataset, load_beir, load_dataset, load_miracl
 from m3_jax.evaluation.evaluate import EvaluationResult, evaluate_embedder, evaluate_retrieval
-from m3_jax.evaluation.modes import MODES, RetrievalSettings
+from m3_jax.evaluation.heldout import evaluate_heldout
+from m3_jax.evaluation.modes import RetrievalSettings
+from m3_jax.scores import MODES
 
 __all__ = [
     "MODES",
@@ -11,6 +13,7 @@ __all__ = [
     "RetrievalDataset",
     "RetrievalSettings",
     "evaluate_embedder",
+    "evaluate_heldout",
     "evaluate_retrieval",
     "load_beir",
     "load_dataset",

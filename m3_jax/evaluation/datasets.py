@@ -15,11 +15,11 @@ Only queries with judgments are kept; every problem names the file, line and fie
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
+
+from m3_jax.input_files import InputError, read_field, read_jsonl, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -44,52 +44,6 @@ class RetrievalDataset:
         )
 
 
-class DatasetError(ValueError):
-    pass
-
-
-def _open(path: Path):
-    return (
-        gzip.open(path, "rt", encoding="utf-8")
-        if path.suffix == ".gz"
-        else path.open(encoding="utf-8")
-    )
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with _open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, row
-
-
-def read_field(row: dict, name: str, where: str, kind=str, optional: bool = False):
-    """row[name] checked to be a `kind` (ids may be integers); `where` is "FILE:LINE"."""
-    if name not in row:
-        if optional:
-            return None
-        raise DatasetError(f"{where}: missing field '{name}' (has {sorted(row)})")
-    value = row[name]
-    if name.endswith("id") and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # numeric ids are common in BEIR files
-    if not isinstance(value, kind):
-        raise DatasetError(
-            f"{where}: field '{name}' is {type(value).__name__}, expected {kind.__name__}"
-        )
-    return value
-
-
 def _doc_text(row: dict, text_field: str, where: str) -> str:
     title = read_field(row, "title", where, optional=True) or ""
     text = read_field(row, text_field, where)
@@ -99,46 +53,41 @@ def _doc_text(row: dict, text_field: str, where: str) -> str:
 def _read_docs(paths: list[Path], id_field: str, text_field: str) -> tuple[list[str], list[str]]:
     ids, texts, seen = [], [], {}
     for path in paths:
-        for line_no, row in read_jsonl(path):
-            where = f"{path}:{line_no}"
+        for where, row in read_jsonl(path):
             doc_id = read_field(row, id_field, where)
             if doc_id in seen:
-                raise DatasetError(
+                raise InputError(
                     f"{where}: duplicate document id {doc_id!r} (first at {seen[doc_id]})"
                 )
             seen[doc_id] = where
             ids.append(doc_id)
             texts.append(_doc_text(row, text_field, where))
     if not ids:
-        raise DatasetError(f"{', '.join(map(str, paths))}: no documents")
+        raise InputError(f"{', '.join(map(str, paths))}: no documents")
     return ids, texts
 
 
 def read_qrels_tsv(path: Path, trec: bool) -> dict[str, dict[str, int]]:
     """BEIR (`qid docid score`, header) or TREC (`qid Q0 docid rel`) relevance judgments."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            # BEIR ids may hold spaces (columns are tab-separated); TREC files split on any space.
-            parts = line.split() if trec else [p.strip() for p in line.rstrip("\n").split("\t")]
-            if not line.strip():
-                continue
-            if not trec and line_no == 1 and not parts[-1].lstrip("-").isdigit():
-                continue  # the header "query-id corpus-id score"
-            expected = 4 if trec else 3
-            if len(parts) != expected:
-                raise DatasetError(
-                    f"{path}:{line_no}: expected {expected} columns, got {len(parts)}"
-                )
-            qid, doc_id, rel = (parts[0], parts[2], parts[3]) if trec else parts
-            try:
-                qrels.setdefault(qid, {})[doc_id] = int(rel)
-            except ValueError as e:
-                raise DatasetError(f"{path}:{line_no}: relevance {rel!r} is not an integer") from e
+    first = True
+    for where, line in read_lines(path):
+        # BEIR ids may hold spaces (columns are tab-separated); TREC files split on any space.
+        parts = line.split() if trec else [p.strip() for p in line.split("\t")]
+        if not trec and first and not parts[-1].lstrip("-").isdigit():
+            first = False
+            continue  # the header "query-id corpus-id score"
+        first = False
+        expected = 4 if trec else 3
+        if len(parts) != expected:
+            raise InputError(f"{where}: expected {expected} columns, got {len(parts)}")
+        qid, doc_id, rel = (parts[0], parts[2], parts[3]) if trec else parts
+        try:
+            qrels.setdefault(qid, {})[doc_id] = int(rel)
+        except ValueError:
+            raise InputError(f"{where}: relevance {rel!r} is not an integer") from None
     if not qrels:
-        raise DatasetError(f"{path}: no judgments")
+        raise InputError(f"{path}: no judgments")
     return qrels
 
 
@@ -147,9 +96,7 @@ def _assemble(
 ) -> RetrievalDataset:
     missing = sorted(set(qrels) - set(queries))
     if missing:
-        raise DatasetError(
-            f"{qrels_file}: judged queries {missing[:5]} are not in the queries file"
-        )
+        raise InputError(f"{qrels_file}: judged queries {missing[:5]} are not in the queries file")
     known = set(doc_ids)
     unknown = {d for rels in qrels.values() for d in rels} - known
     if unknown:
@@ -173,8 +120,7 @@ def load_beir(path: str | Path, split: str | None = None) -> RetrievalDataset:
         raise FileNotFoundError(f"{qrels_file}: no qrels for split {split!r} (have {have})")
     doc_ids, doc_texts = _read_docs([root / "corpus.jsonl"], "_id", "text")
     queries: dict[str, str] = {}
-    for line_no, row in read_jsonl(root / "queries.jsonl"):
-        where = f"{root / 'queries.jsonl'}:{line_no}"
+    for where, row in read_jsonl(root / "queries.jsonl"):
         queries[read_field(row, "_id", where)] = read_field(row, "text", where)
     qrels = read_qrels_tsv(qrels_file, trec=False)
     return _assemble(f"{root.name}/{split}", doc_ids, doc_texts, queries, qrels, qrels_file)
@@ -207,13 +153,11 @@ def load_miracl(
         raise FileNotFoundError(f"{root}: no corpus (corpus/*.jsonl[.gz] or corpus.jsonl[.gz])")
     doc_ids, doc_texts = _read_docs(corpus_files, "docid", "text")
     queries: dict[str, str] = {}
-    with topics_file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 2:
-                    raise DatasetError(f"{topics_file}:{line_no}: expected 'qid<TAB>query'")
-                queries[parts[0]] = parts[1]
+    for where, line in read_lines(topics_file):
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise InputError(f"{where}: expected 'qid<TAB>query'")
+        queries[parts[0]] = parts[1]
     qrels = read_qrels_tsv(qrels_file, trec=True)
     return _assemble(f"{root.name}/{split}", doc_ids, doc_texts, queries, qrels, qrels_file)
 
@@ -221,15 +165,14 @@ def load_miracl(
 def load_heldout(heldout_file: str | Path, corpus_file: str | Path) -> RetrievalDataset:
     doc_ids, doc_texts = _read_docs([Path(corpus_file)], "id", "text")
     queries, qrels = {}, {}
-    for line_no, row in read_jsonl(heldout_file):
-        where = f"{heldout_file}:{line_no}"
+    for where, row in read_jsonl(heldout_file):
         qid = read_field(row, "query_id", where)
         queries[qid] = read_field(row, "query", where)
         judged = read_field(row, "qrels", where, kind=dict)
         try:
             qrels[qid] = {str(d): int(r) for d, r in judged.items()}
         except (TypeError, ValueError) as e:
-            raise DatasetError(f"{where}: field 'qrels' must map doc ids to integers") from e
+            raise InputError(f"{where}: field 'qrels' must map doc ids to integers") from e
     return _assemble(Path(heldout_file).stem, doc_ids, doc_texts, queries, qrels, heldout_file)
 
 

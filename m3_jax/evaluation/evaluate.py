@@ -14,13 +14,16 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from m3_jax.config import ModelConfig
+from m3_jax.config import EvalConfig, ModelConfig
 from m3_jax.evaluation.datasets import RetrievalDataset, load_dataset
 from m3_jax.evaluation.encoding import encode_texts
 from m3_jax.evaluation.metrics import MEASURES, mean_metrics
-from m3_jax.evaluation.modes import MODES, RetrievalSettings, required_outputs, run_modes
+from m3_jax.evaluation.modes import RetrievalSettings, required_outputs, run_modes
 from m3_jax.evaluation.trec import run_file_name, write_run
-from m3_jax.model_dir import Params
+from m3_jax.inference import M3Embedder
+from m3_jax.model import Params, model_from_params
+from m3_jax.scores import MODES
+from m3_jax.tokenization import load_tokenizer
 
 # evaluate_retrieval reuses the last embedder (and its compiled programs) when a training loop
 # evaluates new params of the same model: only the weights are swapped.
@@ -97,11 +100,11 @@ def evaluate_retrieval(
     dataset: RetrievalDataset | str | os.PathLike,
     *,
     modes: Sequence[str] = MODES,
-    k: int | Sequence[int] = 10,
+    k: int | Sequence[int] = EvalConfig.k,
     measures: Sequence[str] = MEASURES,
     settings: RetrievalSettings = RetrievalSettings(),  # noqa: B008 (frozen dataclass)
     split: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = EvalConfig.batch_size,
     query_max_length: int | None = None,
     passage_max_length: int | None = None,
     dtype: str = "float32",
@@ -117,10 +120,6 @@ def evaluate_retrieval(
     or numpy; they are not copied to the host. Repeated calls for the same model config reuse
     the compiled encoder programs (one M3Embedder is cached; its weights are replaced).
     """
-    from m3_jax.inference import M3Embedder
-    from m3_jax.model_dir import model_from_params
-    from m3_jax.tokenization import load_tokenizer
-
     if not isinstance(dataset, RetrievalDataset):
         dataset = load_dataset(dataset, split)
     ks = [k] if isinstance(k, int) else list(k)

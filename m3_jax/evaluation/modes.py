@@ -1,12 +1,15 @@
-"""The paper's five retrieval modes (M3_SPEC §11.1 protocol) over encoded queries and corpus.
+"""The paper's five retrieval modes over encoded queries and corpus (the M3 paper's protocol:
+a first stage of depth 1000, and the multi-vector modes reranking dense candidates).
 
-- dense:        exact dense top-`top_k` (the paper: Faiss top-1000).
-- sparse:       exact lexical top-`top_k` (the paper: Lucene top-1000).
-- colbert:      the dense top-`rerank_depth` (200) reranked by colbert score.
-- dense+sparse: the union of the dense and sparse top-`top_k` reranked by
-                (w_d·dense + w_s·sparse)/(w_d + w_s), w = (1, 0.3) by default (MLDR: (0.2, 0.8)).
-- all:          the dense top-`rerank_depth` reranked by (w_d·dense + w_s·sparse + w_c·colbert)/Σw,
-                w = (1, 0.3, 1) by default (MLDR: (0.15, 0.5, 0.35)).
+- dense:                exact dense top-`top_k` (the paper: Faiss top-1000).
+- sparse:               exact lexical top-`top_k` (the paper: Lucene top-1000).
+- colbert:              the dense top-`rerank_depth` (200) reranked by colbert score.
+- sparse+dense:         the union of the dense and sparse top-`top_k` reranked by
+                        (w_d·dense + w_s·sparse)/(w_d + w_s), w = (1, 0.3) by default
+                        (the paper's MLDR setting: (0.2, 0.8)).
+- colbert+sparse+dense: ("All") the dense top-`rerank_depth` reranked by
+                        (w_d·dense + w_s·sparse + w_c·colbert)/Σw, w = (1, 0.3, 1) by default
+                        (MLDR: (0.15, 0.5, 0.35)).
 The weighted sums are FlagEmbedding's `compute_score` combinations (the division does not change
 the ranking). Each mode gives a run {query id: {doc id: score}}.
 """
@@ -27,23 +30,22 @@ from m3_jax.evaluation.retrieval import (
     sparse_scores,
     sparse_search,
 )
-from m3_jax.scores import weighted_sum
+from m3_jax.scores import MODES, canonical_modes, weighted_sum
 
-MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
 NEEDS = {
     "dense": ("dense",),
     "sparse": ("sparse",),
     "colbert": ("dense", "colbert"),
-    "dense+sparse": ("dense", "sparse"),
-    "all": ("dense", "sparse", "colbert"),
+    "sparse+dense": ("dense", "sparse"),
+    "colbert+sparse+dense": ("dense", "sparse", "colbert"),
 }
 Run = dict[str, dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalSettings:
-    top_k: int = 1000  # first-stage depth of dense, sparse and dense+sparse
-    rerank_depth: int = 200  # dense candidates reranked by colbert and all
+    top_k: int = 1000  # first-stage depth of dense, sparse and sparse+dense
+    rerank_depth: int = 200  # dense candidates reranked by colbert and colbert+sparse+dense
     dense_sparse_weights: tuple[float, float] = (1.0, 0.3)  # (dense, sparse)
     all_weights: tuple[float, float, float] = (1.0, 0.3, 1.0)  # (dense, sparse, colbert)
 
@@ -58,15 +60,8 @@ class RetrievalSettings:
             )
 
 
-def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"modes {list(modes)}: expected a non-empty subset of {MODES}")
-    return tuple(m for m in MODES if m in modes)
-
-
 def required_outputs(modes: Sequence[str]) -> tuple[str, ...]:
-    needed = {o for m in check_modes(modes) for o in NEEDS[m]}
+    needed = {o for m in canonical_modes(modes) for o in NEEDS[m]}
     return tuple(o for o in ("dense", "sparse", "colbert") if o in needed)
 
 
@@ -88,16 +83,16 @@ def run_modes(
     mesh: Mesh | None = None,
 ) -> dict[str, Run]:
     """{mode: run} for each requested mode."""
-    modes = check_modes(modes)
+    modes = canonical_modes(modes)
     runs: dict[str, Run] = {}
     dense_depth = max(
-        settings.top_k if {"dense", "dense+sparse"} & set(modes) else 0,
-        settings.rerank_depth if {"colbert", "all"} & set(modes) else 0,
+        settings.top_k if {"dense", "sparse+dense"} & set(modes) else 0,
+        settings.rerank_depth if {"colbert", "colbert+sparse+dense"} & set(modes) else 0,
     )
     dense_top = sparse_top = None
     if dense_depth:
         dense_top = dense_search(queries.dense, corpus.dense, dense_depth, mesh=mesh)
-    if {"sparse", "dense+sparse"} & set(modes):
+    if {"sparse", "sparse+dense"} & set(modes):
         sparse_top = sparse_search(queries.sparse, corpus.sparse, settings.top_k)
     if "dense" in modes:
         s, i = dense_top
@@ -105,7 +100,7 @@ def run_modes(
     if "sparse" in modes:
         runs["sparse"] = _as_run(query_ids, doc_ids, sparse_top[1], sparse_top[0])
 
-    rerank = [m for m in ("colbert", "dense+sparse", "all") if m in modes]
+    rerank = [m for m in ("colbert", "sparse+dense", "colbert+sparse+dense") if m in modes]
     for mode in rerank:
         runs[mode] = {}
     for q, qid in enumerate(query_ids):
@@ -114,21 +109,22 @@ def run_modes(
             runs["colbert"][qid] = _scored(
                 doc_ids, shallow, colbert_scores(queries, q, corpus, shallow)
             )
-        if "dense+sparse" in modes:
+        if "sparse+dense" in modes:
             union = np.union1d(dense_top[1][q, : settings.top_k], sparse_top[1][q])
             parts = [
                 dense_scores(queries, q, corpus, union),
                 sparse_scores(queries, q, corpus, union),
             ]
             combined = weighted_sum(parts, settings.dense_sparse_weights)
-            runs["dense+sparse"][qid] = _scored(doc_ids, union, combined)
-        if "all" in modes:
+            runs["sparse+dense"][qid] = _scored(doc_ids, union, combined)
+        if "colbert+sparse+dense" in modes:
             parts = [
                 dense_scores(queries, q, corpus, shallow),
                 sparse_scores(queries, q, corpus, shallow),
                 colbert_scores(queries, q, corpus, shallow),
             ]
-            runs["all"][qid] = _scored(doc_ids, shallow, weighted_sum(parts, settings.all_weights))
+            combined = weighted_sum(parts, settings.all_weights)
+            runs["colbert+sparse+dense"][qid] = _scored(doc_ids, shallow, combined)
     return runs
 
 

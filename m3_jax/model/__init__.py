@@ -1,6 +1,27 @@
-"""The M3 model: XLM-R encoder (encoder.py), attention (attention.py), heads and M3Model."""
+"""The M3 model: layers, attention, the XLM-R encoder, the three heads, and the params as data."""
 
+from m3_jax.model.abstract import (
+    Params,
+    abstract_params,
+    check_params,
+    graphdef,
+    init_params,
+    logical_axes,
+    model_from_params,
+)
 from m3_jax.model.encoder import Encoder, roberta_position_ids
 from m3_jax.model.m3 import M3Model, M3Output
 
-__all__ = ["Encoder", "M3Model", "M3Output", "roberta_position_ids"]
+__all__ = [
+    "Encoder",
+    "M3Model",
+    "M3Output",
+    "Params",
+    "abstract_params",
+    "check_params",
+    "graphdef",
+    "init_params",
+    "logical_axes",
+    "model_from_params",
+    "roberta_position_ids",
+]

@@ -8,8 +8,8 @@ from flax import nnx
 
 from m3_jax.config import ModelConfig
 from m3_jax.model.attention import attention
+from m3_jax.model.axes import constrain_batch
 from m3_jax.model.layers import Dense, Embed, LayerNorm, dropout, gelu
-from m3_jax.sharding import constrain_batch
 
 
 def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:

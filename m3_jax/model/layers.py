@@ -119,6 +119,5 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU in PyTorch's form, 0.5·x·(1 + erf(x/√2)). jax.nn.gelu's erfc form is the
-    same function within 6e-7; on CPU this one takes 25 instead of 39 ms forward and 30 instead of
-    37 ms backward at 4096x3072 fp32 (about 2% of a base-size encode)."""
+    same function to float32 rounding; XLA's CPU backend evaluates erf faster than erfc."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))

@@ -1,12 +1,14 @@
-"""The training loop, read top to bottom: data, model, optimizer, resume, compile, train, export.
+"""The training run, read top to bottom: data, model, state, compile, evaluate, train, export.
 
 Everything that shapes numerics lives in the pure step (step.py); this file does the I/O:
 checkpoints (orbax, async, keep-N, resume from the latest), signals (SIGTERM/SIGINT save a
 checkpoint before exiting), metrics (stdout, metrics.jsonl, TensorBoard) and the final export.
+The run directory's layout is `m3_jax.run_dir`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,61 +20,165 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from m3_jax import checkpoint, flops, sharding
-from m3_jax import config as model_presets
-from m3_jax.config import ModelConfig
-from m3_jax.convert.sources import write_run_info
-from m3_jax.data.buckets import BatchSizing
-from m3_jax.data.pipeline import LoaderPosition, LoaderSettings, TrainLoader, to_global_batch
+from m3_jax.config import PRESETS, ModelConfig, RunConfig
+from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
 from m3_jax.data.records import read_records
-from m3_jax.losses import LossConfig
-from m3_jax.model import M3Model
-from m3_jax.model_dir import (
-    Params,
-    abstract_params,
-    is_model_dir,
-    load_model_dir,
+from m3_jax.loading import load_params
+from m3_jax.model import Params, abstract_params, graphdef
+from m3_jax.run_dir import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    EXPORT_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
     save_model_dir,
+    write_run_info,
 )
 from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
 from m3_jax.training import sharded
-from m3_jax.training.monitor import (
-    METRICS_FILE,
-    BestParams,
-    MetricsWriter,
-    StopSignal,
-    summarize_window,
-)
-from m3_jax.training.optim import OptimConfig, make_optimizer
-from m3_jax.training.state import abstract_state
+from m3_jax.training.monitor import BestParams, MetricsWriter, StopSignal, summarize_window
+from m3_jax.training.optim import make_optimizer
+from m3_jax.training.state import TrainState, abstract_state
 from m3_jax.training.step import StepConfig
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"
-CHECKPOINT_DIR = "checkpoints"
-BEST_DIR = "best"
-
 EvalFn = Callable[[ModelConfig, Params, Path], dict[str, float]]  # (config, params, tokenizer)
+BucketShape = tuple[int, int, int]  # (global queries, query length, passage length)
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
 
 
-# Model -------------------------------------------------------------------------------------------
+def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
+    """Trains per `run` (`m3_jax.config.run` documents every field); returns a summary dict.
+
+    eval_fn(model_config, params, tokenizer_dir) -> {metric: value} runs before training
+    (`eval.before_training`), every `eval.every` steps and at the end, together with the dev loss
+    of `eval.loss_files`; the params with the best `eval.metric` are kept in `best/`.
+    Multi-process runs call this on every process (after `jax.distributed.initialize`); only
+    process 0 writes metrics and the summary.
+    """
+    workdir = Path(run.workdir)
+    lead = jax.process_index() == 0
+    show = run.train.progress and lead
+    enable_compilation_cache(run.train.compilation_cache_dir)
+
+    # Data first: malformed files fail here, before anything is written.
+    records = read_records(run.data.train_files)
+    dev_records = read_records(run.eval.loss_files) if run.eval.loss_files else None
+    model_config, host_params, tokenizer_dir = load_initial_model(run)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
+    mesh = sharding.mesh_from_config(run.mesh)
+    log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+    loader, dev_loader = (
+        None if recs is None else make_loader(run, recs, tokenizer, mesh, show)
+        for recs in (records, dev_records)
+    )
+    total_steps = run.train.num_steps or run.train.num_epochs * loader.steps_per_epoch
+    log_plan(loader, len(records), total_steps)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        write_run_info(workdir, model_config, tokenizer_dir)
+
+    # Optimizer, step and the sharded state: resumed from the newest checkpoint onto this mesh.
+    tx, schedule = make_optimizer(run.optim, total_steps, abstract_params(float32(model_config)))
+    dp = sharding.data_parallel_size(mesh)
+    loss = dataclasses.replace(
+        run.loss, num_shards=dp if run.loss.num_shards < 0 else run.loss.num_shards
+    )
+    step_config = StepConfig(loss, run.train.sub_batch_size, run.train.dropout, data_shards=dp)
+    layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules)
+    manager = checkpoint.make_manager(
+        workdir / CHECKPOINT_DIR,
+        keep=run.train.keep_checkpoints,
+        async_save=run.train.async_checkpoint,
+    )
+    state, start = resume_or_init(
+        manager, model_config, host_params, tx, layout, loader, mesh, run.seed
+    )
+    del host_params
+
+    # One program per bucket, compiled before the first step.
+    model = graphdef(model_config)
+    with jax.set_mesh(mesh):
+        compiled, compile_seconds = compile_buckets(
+            sharded.jit_train_step(model, tx, step_config, layout, mesh),
+            state,
+            loader.bucket_shapes(),
+            run.data.group_size,
+            run.data.knowledge_distillation,
+            show,
+        )
+        eval_step = sharded.jit_eval_step(model, step_config, layout, mesh)
+    summary: dict[str, Any] = {"compile_seconds": compile_seconds}
+
+    writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
+    evaluator = Evaluator(
+        run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_step, mesh, writer
+    )
+    try:
+        if evaluator.active and run.eval.before_training and int(state.step) == 0:
+            summary["eval_before"] = evaluator(state, 0)
+        state = train_steps(
+            run,
+            state,
+            compiled,
+            schedule,
+            loader,
+            start,
+            total_steps,
+            model_config,
+            manager,
+            mesh,
+            evaluator,
+            writer,
+            show,
+        )
+        # Export params for M3Embedder.from_pretrained.
+        params = gather(state.params)
+        export = workdir / EXPORT_DIR
+        if not export.exists():
+            save_model_dir(export, float32(model_config), params, tokenizer_dir)
+        summary.update(final_step=int(state.step), export=str(export))
+        if evaluator.active:
+            summary["eval_after"] = evaluator(state, int(state.step), params)
+        if evaluator.best is not None and evaluator.best.step is not None:
+            best = evaluator.best
+            summary["best"] = {"step": best.step, run.eval.metric: best.value, "dir": str(best.out)}
+    finally:
+        if writer is not None:
+            writer.close()
+    if lead:
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
-def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params | None, Path]:
+# Setup --------------------------------------------------------------------------------------------
+
+
+def float32(config: ModelConfig) -> ModelConfig:
+    """The train state keeps float32 params whatever the model's storage dtype."""
+    return config.replace(param_dtype="float32")
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_initial_model(run: RunConfig) -> tuple[ModelConfig, Params | None, Path]:
     """(model config, float32 host params or None for a fresh init, tokenizer dir) from
     `model.init_from`, or from `model.preset` and the tokenizer's vocabulary."""
-    m = cfg.model
+    m = run.model
     overrides = dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype,
@@ -84,101 +190,36 @@ def load_initial_model(cfg: ConfigDict) -> tuple[ModelConfig, Params | None, Pat
     if m.attention_probs_dropout_prob >= 0:
         overrides["attention_probs_dropout_prob"] = m.attention_probs_dropout_prob
     if m.init_from:
-        if is_model_dir(m.init_from):
-            config, params = load_model_dir(m.init_from, **overrides)
-            source = Path(m.init_from)
-        else:
-            from m3_jax.convert.from_torch import load_bge_m3
-
-            config, params, source = load_bge_m3(
-                m.init_from, fresh_heads=m.fresh_heads, **overrides
-            )
-        return config, params, Path(m.tokenizer or source)
+        loaded = load_params(
+            m.init_from, tokenizer_dir=m.tokenizer or None, fresh_heads=m.fresh_heads, **overrides
+        )
+        return loaded.config, loaded.params, loaded.tokenizer_dir
     if not m.tokenizer:
         raise ValueError(
             "model.tokenizer must name a tokenizer directory when model.init_from is unset"
         )
+    if m.preset not in PRESETS:
+        raise ValueError(f"model.preset={m.preset!r}; expected one of {sorted(PRESETS)}")
     vocab_size = len(load_tokenizer(m.tokenizer))
-    preset = getattr(model_presets, m.preset)
-    return preset(vocab_size=vocab_size, **dict(m.geometry), **overrides), None, Path(m.tokenizer)
+    config = PRESETS[m.preset](vocab_size=vocab_size, **m.geometry, **overrides)
+    return config, None, Path(m.tokenizer)
 
 
-def mesh_from_config(cfg: ConfigDict) -> Mesh:
-    c = cfg.mesh
-    return sharding.make_mesh(c.data, c.fsdp, c.tensor, dcn_data=c.dcn_data, dcn_fsdp=c.dcn_fsdp)
-
-
-def data_parallel_if_negative(value: int, mesh: Mesh) -> int:
-    """Config sizes of -1 mean "the number of data-parallel shards of the mesh"."""
-    return sharding.data_parallel_size(mesh) if value < 0 else value
-
-
-# Data --------------------------------------------------------------------------------------------
-
-
-def loader_settings(cfg: ConfigDict, mesh: Mesh) -> LoaderSettings:
-    d = cfg.data
-    sizing = BatchSizing(
-        token_budget=d.token_budget if d.batch_size_preset is None else None,
-        preset=d.batch_size_preset,
-        max_batch_size=d.max_batch_size,
-        batch_multiple=data_parallel_if_negative(d.batch_multiple, mesh),
-    )
-    return LoaderSettings(
-        sizing=sizing,
-        seed=cfg.seed,
-        group_size=d.group_size,
-        query_max_len=d.query_max_len,
-        passage_max_len=d.passage_max_len,
-        bucket_lengths=tuple(d.passage_buckets),
-        query_instruction=d.query_instruction,
-        passage_instruction=d.passage_instruction,
-        with_teacher_scores=d.knowledge_distillation,
-        sort_negatives_by_teacher=d.sort_negatives_by_teacher,
-    )
-
-
-# The run -----------------------------------------------------------------------------------------
-
-
-def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
-    """Trains per `cfg` (configs/base.py documents every field); returns a summary dict.
-
-    eval_fn(model_config, params, tokenizer_dir) -> {metric: value} runs before training
-    (`eval.before_training`), every `eval.every` steps and at the end, together with the dev loss
-    of `eval.loss_files`; the params with the best `eval.metric` are kept in `best/`.
-    Multi-process runs call this on every process (after `jax.distributed.initialize`); only
-    process 0 writes metrics and the summary.
-    """
-    workdir = Path(cfg.workdir)
-    lead = jax.process_index() == 0
-    show = cfg.train.progress and lead
-    if cfg.train.compilation_cache_dir:
-        cache_dir = os.path.expanduser(cfg.train.compilation_cache_dir)
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-    # Data first: malformed files fail here, before anything is written.
-    records = read_records(cfg.data.train_files)
-    dev_records = read_records(cfg.eval.loss_files) if cfg.eval.loss_files else None
-    model_config, host_params, tokenizer_dir = load_initial_model(cfg)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
-    mesh = mesh_from_config(cfg)
-    log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    settings = loader_settings(cfg, mesh)
-    loader_args = dict(
+def make_loader(run: RunConfig, records, tokenizer, mesh: Mesh, show: bool) -> TrainLoader:
+    multiple = run.data.batch_multiple
+    return TrainLoader(
+        records,
+        tokenizer,
+        run.data,
+        seed=run.seed,
+        batch_multiple=sharding.data_parallel_size(mesh) if multiple < 0 else multiple,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         progress=None if show else False,  # None: a bar while measuring > 10k texts
     )
-    loader = TrainLoader(records, tokenizer, settings, **loader_args)
-    dev_loader = (
-        None
-        if dev_records is None
-        else TrainLoader(dev_records, tokenizer, settings, **loader_args)
-    )
-    total_steps = cfg.train.num_steps or cfg.train.num_epochs * loader.steps_per_epoch
+
+
+def log_plan(loader: TrainLoader, num_records: int, total_steps: int) -> None:
     if loader.num_unused_examples:
         log.warning(
             "%d examples fit no bucket that fills a global batch and are not used",
@@ -186,107 +227,143 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
         )
     log.info(
         "%d records, %d batches per epoch over %d buckets, %d steps",
-        len(records),
+        num_records,
         loader.steps_per_epoch,
         len(loader.buckets),
         total_steps,
     )
-    workdir.mkdir(parents=True, exist_ok=True)
-    if lead:
-        write_run_info(workdir, model_config, str(tokenizer_dir))
 
-    # Optimizer, step and the sharded state.
-    abstract = abstract_params(model_config.replace(param_dtype="float32"))
-    tx, schedule = make_optimizer(OptimConfig(**cfg.optim), total_steps, abstract)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M3Model(model_config, rngs=nnx.Rngs(0))))
-    loss_values = dict(cfg.loss, num_shards=data_parallel_if_negative(cfg.loss.num_shards, mesh))
-    loss_config = LossConfig(group_size=cfg.data.group_size, **loss_values)
-    step_config = StepConfig(
-        loss_config,
-        cfg.train.sub_batch_size,
-        cfg.train.dropout,
-        data_shards=sharding.data_parallel_size(mesh),
-    )
-    layout = sharded.state_shardings(model_config, tx, mesh, tuple(cfg.mesh.rules))
 
-    # Resume from the newest checkpoint, if any, onto this run's mesh.
-    manager = checkpoint.make_manager(
-        workdir / CHECKPOINT_DIR,
-        keep=cfg.train.keep_checkpoints,
-        async_save=cfg.train.async_checkpoint,
+def resume_or_init(
+    manager, model_config, host_params, tx, layout, loader: TrainLoader, mesh: Mesh, seed: int
+) -> tuple[TrainState, LoaderPosition]:
+    """The newest checkpoint's state and loader position, or the step-0 state (imported params,
+    else a fresh sharded init) at the start of the data."""
+    target = sharded.with_shardings(
+        abstract_state(abstract_params(float32(model_config)), tx), layout
     )
-    start_position = LoaderPosition()
-    target = sharded.with_shardings(abstract_state(abstract, tx), layout)
     restored = checkpoint.restore_latest(manager, target)
     if restored is not None:
         state, saved = restored
         check_same_plan(saved, loader, mesh)
-        start_position = LoaderPosition.from_json(saved)
-        log.info("resumed from step %d at loader position %s", int(state.step), start_position)
-    elif host_params is None:
-        params = sharded.fresh_params(model_config, cfg.seed, layout.params)
-        state = sharded.initial_state(params, tx, cfg.seed, layout)
+        position = LoaderPosition.from_json(saved)
+        log.info("resumed from step %d at loader position %s", int(state.step), position)
+        return state, position
+    if host_params is None:
+        params = sharded.fresh_params(model_config, seed, layout.params)
     else:
         params = sharding.put_global(host_params, layout.params)
-        state = sharded.initial_state(params, tx, cfg.seed, layout)
-    del host_params
+    return sharded.initial_state(params, tx, seed, layout), LoaderPosition()
 
-    # Compile every bucket up front.
-    with_teacher = cfg.data.knowledge_distillation
+
+def compile_buckets(
+    step_fn,
+    state: TrainState,
+    shapes: list[BucketShape],
+    group_size: int,
+    teacher: bool,
+    show: bool,
+) -> tuple[dict[BucketShape, Any], dict[str, float]]:
+    """Every bucket's compiled train step, and the seconds each took."""
     state_spec = jax.eval_shape(lambda s: s, state)
-    step_fn = sharded.jit_train_step(graphdef, tx, step_config, layout, mesh)
-    compiled, compile_seconds = {}, {}
-    with jax.set_mesh(mesh):
-        for shape in tqdm(loader.bucket_shapes(), desc="compile", disable=not show):
-            start = time.perf_counter()
-            spec = sharded.batch_spec(shape, cfg.data.group_size, with_teacher)
-            compiled[shape] = step_fn.lower(state_spec, spec, sharded.LR_SPEC).compile()
-            compile_seconds[str(shape)] = round(time.perf_counter() - start, 2)
-        eval_step = sharded.jit_eval_step(graphdef, step_config, layout, mesh)
-    summary: dict[str, Any] = {"compile_seconds": compile_seconds}
-    log.info("compiled %d bucket programs: %s", len(compiled), compile_seconds)
+    compiled, seconds = {}, {}
+    for shape in tqdm(shapes, desc="compile", disable=not show):
+        start = time.perf_counter()
+        spec = sharded.batch_spec(shape, group_size, teacher)
+        compiled[shape] = step_fn.lower(state_spec, spec, sharded.LR_SPEC).compile()
+        seconds[str(shape)] = round(time.perf_counter() - start, 2)
+    log.info("compiled %d bucket programs: %s", len(compiled), seconds)
+    return compiled, seconds
 
-    if eval_fn is not None and jax.process_count() > 1:
-        # Retrieval evaluation places its corpus on this process's devices only.
-        log.warning(
-            "retrieval evaluation runs in single-process runs only; skipped here (the dev loss, "
-            "eval.loss_files, works on any mesh; evaluate export/ with tools/evaluate.py)"
+
+# Evaluation ---------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """The dev loss and eval_fn's metrics of the current params, written as eval/ rows of
+    metrics.jsonl and offered to best/."""
+
+    def __init__(
+        self, run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_step, mesh, writer
+    ):
+        if eval_fn is not None and jax.process_count() > 1:
+            # Retrieval evaluation places its corpus on this process's devices only.
+            log.warning(
+                "retrieval evaluation runs in single-process runs only; skipped here (the dev "
+                "loss, eval.loss_files, works on any mesh; evaluate export/ with m3-jax evaluate)"
+            )
+            eval_fn = None
+        self.model_config, self.tokenizer_dir = model_config, tokenizer_dir
+        self.eval_fn, self.dev_loader, self.eval_step = eval_fn, dev_loader, eval_step
+        self.mesh, self.writer = mesh, writer
+        self.active = eval_fn is not None or dev_loader is not None
+        workdir = Path(run.workdir)
+        self.best = (
+            BestParams(workdir / BEST_DIR, run.eval.metric, run.eval.mode) if self.active else None
         )
-        eval_fn = None
-    evaluating = eval_fn is not None or dev_loader is not None
 
-    best = BestParams(workdir / BEST_DIR, cfg.eval.metric, cfg.eval.mode) if evaluating else None
-    writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
-
-    def evaluate(step: int, host_params: Params | None = None) -> dict[str, float]:
-        """Dev loss and eval_fn's metrics of the current params (`host_params`, when already
-        gathered), written as eval/ rows of metrics.jsonl and offered to best/."""
+    def __call__(
+        self, state: TrainState, step: int, host_params: Params | None = None
+    ) -> dict[str, float]:
+        """`host_params`: the params already gathered to the host, when the caller has them."""
         metrics = {}
-        if dev_loader is not None:
-            with jax.set_mesh(mesh):
-                metrics.update(dev_loss(eval_step, state, dev_loader, mesh))
-        if eval_fn is not None:
-            metrics.update(eval_fn(model_config, state.params, tokenizer_dir))
+        if self.dev_loader is not None:
+            with jax.set_mesh(self.mesh):
+                metrics.update(dev_loss(self.eval_step, state, self.dev_loader, self.mesh))
+        if self.eval_fn is not None:
+            metrics.update(self.eval_fn(self.model_config, state.params, self.tokenizer_dir))
         log.info("evaluation at step %d: %s", step, metrics)
-        if writer is not None:
-            writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if self.writer is not None:
+            self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         if host_params is None:
             host_params = gather(state.params)
-        best.offer(step, metrics, model_config, host_params, tokenizer_dir)
+        self.best.offer(step, metrics, self.model_config, host_params, self.tokenizer_dir)
         return metrics
 
-    step = int(state.step)
-    if evaluating and cfg.eval.before_training and step == 0:
-        summary["eval_before"] = evaluate(0)
 
-    peak = cfg.train.peak_flops_per_s or flops.measure_matmul_peak()
+def dev_loss(eval_step: Any, state: Any, loader: TrainLoader, mesh: Mesh) -> dict[str, float]:
+    """Mean loss parts over one pass of the dev loader (no dropout, no update)."""
+    totals: dict[str, float] = {}
+    count = 0
+    layout = sharding.batch_sharding(mesh)
+    for _, host_batch in loader.iterate(LoaderPosition(), num_epochs=1):
+        parts = jax.device_get(eval_step(state, to_global_batch(host_batch, layout)))
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        count += 1
+    return {f"dev_loss/{k}": v / count for k, v in totals.items()}
+
+
+# The steps ----------------------------------------------------------------------------------------
+
+
+def train_steps(
+    run: RunConfig,
+    state: TrainState,
+    compiled: dict[BucketShape, Any],
+    schedule: Callable[[int], float],
+    loader: TrainLoader,
+    start: LoaderPosition,
+    total_steps: int,
+    model_config: ModelConfig,
+    manager: Any,
+    mesh: Mesh,
+    evaluate: Evaluator,
+    writer: MetricsWriter | None,
+    show: bool,
+) -> TrainState:
+    """Steps from `state` to `total_steps`: metric windows, periodic evaluation, checkpoints, and
+    a final save on SIGTERM/SIGINT (then SystemExit)."""
+    t = run.train
+    peak = t.peak_flops_per_s or flops.measure_matmul_peak()
     stop = StopSignal()
     batch_layout = sharding.batch_sharding(mesh)
+    step = int(state.step)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     window: list[dict] = []
     window_start = time.perf_counter()
     try:
-        for position, host_batch in loader.iterate(start_position):
+        for position, host_batch in loader.iterate(start):
             if step >= total_steps:
                 break
             shape = (
@@ -306,9 +383,9 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
                     + "; the last checkpoint (written before this step) is kept"
                 )
             window.append({"shape": shape, **metrics})
-            if step % cfg.train.log_every == 0 or step == total_steps:
+            if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                record = summarize_window(window, elapsed, model_config, cfg.data.group_size, peak)
+                record = summarize_window(window, elapsed, model_config, run.data.group_size, peak)
                 if writer is not None:
                     writer.write(step, record)
                 progress.set_postfix(loss=f"{record['loss/loss']:.4f}")
@@ -318,40 +395,26 @@ def train(cfg: ConfigDict, eval_fn: EvalFn | None = None) -> dict:
                     )
                 window, window_start = [], time.perf_counter()
             pause_start = time.perf_counter()  # evaluations and saves count in no throughput
-            if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                evaluate(step)
+            if (
+                evaluate.active
+                and run.eval.every
+                and step % run.eval.every == 0
+                and step < total_steps
+            ):
+                evaluate(state, step)
             stopping = stop.agreed()
-            if step % cfg.train.save_every == 0 or step == total_steps or stopping:
+            if step % t.save_every == 0 or step == total_steps or stopping:
                 checkpoint.save(manager, step, state, loader_json(position, loader, mesh))
             window_start += time.perf_counter() - pause_start
             if stopping:
                 manager.wait_until_finished()
                 raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        raise
     finally:
         progress.close()
         stop.restore()
         manager.wait_until_finished()
         manager.close()
-
-    # Export params for M3Embedder.from_pretrained.
-    params = gather(state.params)
-    export = workdir / EXPORT_DIR
-    if not export.exists():
-        save_model_dir(export, model_config.replace(param_dtype="float32"), params, tokenizer_dir)
-    summary.update(final_step=step, export=str(export))
-    if evaluating:
-        summary["eval_after"] = evaluate(step, params)
-    if writer is not None:
-        writer.close()
-    if best is not None and best.step is not None:
-        summary["best"] = {"step": best.step, cfg.eval.metric: best.value, "dir": str(best.out)}
-    if lead:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return state
 
 
 def loader_json(position: LoaderPosition, loader: TrainLoader, mesh: Mesh) -> dict:
@@ -387,19 +450,6 @@ def check_same_plan(saved: dict, loader: TrainLoader, mesh: Mesh) -> None:
         f"the checkpoint's batch plan {plan['bucket_shapes']} differs from this run's "
         f"{now['bucket_shapes']} (data files or data settings changed?){hint}"
     )
-
-
-def dev_loss(eval_step: Any, state: Any, loader: TrainLoader, mesh: Mesh) -> dict[str, float]:
-    """Mean loss parts over one pass of the dev loader (no dropout, no update)."""
-    totals: dict[str, float] = {}
-    count = 0
-    layout = sharding.batch_sharding(mesh)
-    for _, host_batch in loader.iterate(LoaderPosition(), num_epochs=1):
-        parts = jax.device_get(eval_step(state, to_global_batch(host_batch, layout)))
-        for key, value in parts.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        count += 1
-    return {f"dev_loss/{k}": v / count for k, v in totals.items()}
 
 
 def gather(tree: Any) -> Any:

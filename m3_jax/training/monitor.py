@@ -15,9 +15,7 @@ from jax.experimental import multihost_utils
 
 from m3_jax import flops
 from m3_jax.config import ModelConfig
-
-METRICS_FILE = "metrics.jsonl"
-BEST_INFO = "best.json"
+from m3_jax.run_dir import BEST_INFO, TENSORBOARD_DIR, save_model_dir
 
 
 class MetricsWriter:
@@ -28,7 +26,7 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(path.parent / TENSORBOARD_DIR))
         except ImportError:
             self.tensorboard = None
 
@@ -125,8 +123,6 @@ class BestParams:
         tokenizer_dir: str | Path,
     ) -> bool:
         """Saves `params` as the new best if `metrics[self.metric]` improves; True if it did."""
-        from m3_jax.model_dir import save_model_dir
-
         if self.metric not in metrics:
             raise KeyError(
                 f"eval.metric {self.metric!r} is not among the evaluation's metrics "

@@ -8,29 +8,15 @@ extended on resume, or relaunched with another lr, hits the persistent compilati
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
 import optax
 
-from m3_jax.model_dir import Params
+from m3_jax.config import OptimConfig
+from m3_jax.model import Params
 
 HEAD_NAMES = ("colbert_linear", "sparse_linear")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-5
-    warmup_ratio: float = 0.1  # fraction of total steps spent warming up from 0
-    warmup_steps: int | None = None  # overrides warmup_ratio when set
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    fix_encoder: bool = False  # train only the colbert and sparse heads
-    fix_position_embedding: bool = False  # freeze encoder/embeddings/position_embeddings
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> Callable[[int], float]:

@@ -19,8 +19,7 @@ from jax.sharding import Mesh
 
 from m3_jax import sharding
 from m3_jax.config import ModelConfig
-from m3_jax.model import M3Model
-from m3_jax.model_dir import Params, abstract_params
+from m3_jax.model import Params, abstract_params, init_params
 from m3_jax.training.state import TrainState, abstract_state, init_state
 from m3_jax.training.step import StepConfig, eval_loss, train_step
 
@@ -51,11 +50,8 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def fresh_params(config: ModelConfig, seed: int, shardings: Any) -> Params:
     """A random float32 init of `M3Model(config)`, each device computing only its slices."""
 
-    def init() -> Params:
-        model = M3Model(config.replace(param_dtype="float32"), rngs=nnx.Rngs(seed))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    return jax.jit(init, out_shardings=shardings)()
+    float32 = config.replace(param_dtype="float32")
+    return jax.jit(lambda: init_params(float32, seed), out_shardings=shardings)()
 
 
 def initial_state(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from m3_jax.model_dir import Params
+from m3_jax.model import Params
 
 
 @struct.dataclass

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m3_jax.losses import LossConfig, m3_loss
-from m3_jax.model.m3 import M3Output
-from m3_jax.model_dir import Params
-from m3_jax.sharding import constrain_batch
+from m3_jax.config import LossConfig
+from m3_jax.losses import m3_loss
+from m3_jax.model import M3Output, Params
+from m3_jax.model.axes import constrain_batch
 from m3_jax.training.optim import apply_update
 from m3_jax.training.state import TrainState
 
@@ -28,10 +28,12 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    loss: LossConfig
-    sub_batch_size: int | None = None  # rows per encoder call and data shard; None = all at once
-    dropout: bool = True  # XLM-R dropout during training
-    data_shards: int = 1  # blocks the batch rows are split into over devices (data-parallel size)
+    """What the step computes, from the run's `loss` and `train` sections and its mesh."""
+
+    loss: LossConfig  # with num_shards resolved
+    sub_batch_size: int | None  # rows per encoder call and data shard; None = all at once
+    dropout: bool  # XLM-R dropout during training
+    data_shards: int  # blocks the batch rows are split into over devices (data-parallel size)
 
 
 def sub_batch_count(rows: int, sub_batch_size: int, shards: int = 1) -> int:

@@ -205,3 +205,6 @@ def tiny(vocab_size: int = 1002, **overrides: Any) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+PRESETS = {"bge_m3": bge_m3, "base_size": base_size, "tiny": tiny}

@@ -1,9 +1,10 @@
-"""Length buckets with static shapes for training, and the per-epoch batch plan.
+"""The training batch plan: which bucket each example is in, each bucket's static batch shape,
+and the global batches of an epoch.
 
-XLA compiles one program per input shape, so every training batch has one of a few shapes
-(global batch B, query length Lq, passage length Lp). As in FlagEmbedding's split_data_by_length
-(M3_SPEC §6.3), an example's length is the longest of ALL its passages, so any sampled group fits
-its bucket. Each bucket has its own global batch size, from a token budget or from FlagEmbedding's
+Every training batch has one of a few shapes (global batch B, query length Lq, passage length
+Lp). As in FlagEmbedding's `split_data_by_length.py`, an example's length is the longest of ALL
+its passages, so any sampled group fits its bucket (`m3_jax.bucketing` has the lengths and the
+lookup). Each bucket has its own global batch size, from a token budget or from FlagEmbedding's
 per-device table, and every batch of an epoch comes from a single bucket (`epoch_plan`).
 """
 
@@ -14,16 +15,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from m3_jax.bucketing import bucket_index
+from m3_jax.config import DataConfig
 from m3_jax.data.records import Record
 from m3_jax.data.sampler import apply_instructions
 from m3_jax.tokenization import tokenize
 
-DEFAULT_PASSAGE_LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
 QUERY_LEN_MULTIPLE = 8
 
-# FlagEmbedding `get_file_batch_size` (M3_SPEC §6.3): per-device batch sizes for the length ranges
-# [lower, next lower) of split_data_by_length, with group size 8 (fine-tuning) and 1 (unsupervised).
+# FlagEmbedding's `get_file_batch_size` (the batch sizes BGE-M3 was fine-tuned and pre-trained
+# with): per-device batch sizes for the passage length ranges [lower, next lower) of
+# `split_data_by_length.py`, with group size 8 (fine-tuning) and 1 (unsupervised pre-training).
 FLAG_EMBEDDING_LOWER_BOUNDS = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
 FLAG_EMBEDDING_BATCH_SIZES = {
     8: (48, 32, 20, 18, 14, 14, 12, 10, 8),
@@ -47,17 +51,6 @@ class PlannedBatch:
 
     bucket_index: int
     example_indices: np.ndarray
-
-
-def passage_bucket_lengths(
-    passage_max_len: int, lengths: Sequence[int] = DEFAULT_PASSAGE_LENGTHS
-) -> tuple[int, ...]:
-    """The bucket lengths below `passage_max_len`, then `passage_max_len` itself."""
-    if passage_max_len <= 0:
-        raise ValueError(f"passage_max_len must be positive, got {passage_max_len}")
-    if list(lengths) != sorted(set(lengths)) or any(n <= 0 for n in lengths):
-        raise ValueError(f"bucket lengths must be positive and strictly ascending, got {lengths}")
-    return tuple(n for n in lengths if n < passage_max_len) + (passage_max_len,)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -108,6 +101,18 @@ class BatchSizing:
                 f"max_batch_size {self.max_batch_size} is below batch_multiple {self.batch_multiple}"
             )
 
+    @classmethod
+    def from_data(cls, data: DataConfig, batch_multiple: int) -> BatchSizing:
+        """The sizing `data` asks for; `batch_multiple` is `data.batch_multiple` resolved (-1
+        means the data-parallel size, which only the mesh knows)."""
+        preset = data.batch_size_preset
+        return cls(
+            token_budget=None if preset is not None else data.token_budget,
+            preset=preset,
+            max_batch_size=data.max_batch_size,
+            batch_multiple=batch_multiple,
+        )
+
     def batch_size(self, query_len: int, passage_len: int, group_size: int) -> int:
         m = self.batch_multiple
         if self.preset is not None:
@@ -128,15 +133,14 @@ def assign_buckets(
     lengths: Sequence[int],
     group_size: int,
     sizing: BatchSizing,
-    merge_small: bool = True,
 ) -> tuple[np.ndarray, tuple[TrainBucket, ...]]:
     """Each example's bucket and the buckets' static shapes.
 
     query_lens, passage_lens: [N] token lengths (already truncated); `passage_lens` is the longest
     passage of each example. An example goes to the smallest `lengths` entry that holds it. The
-    query length of a bucket is its longest query rounded up to a multiple of 8. With
-    `merge_small`, a bucket too small for one global batch passes its examples to the next
-    larger bucket instead of losing them. Returns ([N] int32 bucket index or -1 when an example is
+    query length of a bucket is its longest query rounded up to a multiple of 8. A bucket too
+    small for one global batch passes its examples to the next larger bucket instead of losing
+    them. Returns ([N] int32 bucket index or -1 when an example is
     in no bucket that can fill a batch, the buckets that can).
     """
     query_lens, passage_lens = np.asarray(query_lens), np.asarray(passage_lens)
@@ -144,11 +148,7 @@ def assign_buckets(
         raise ValueError(
             f"query_lens {query_lens.shape} and passage_lens {passage_lens.shape} must be [N]"
         )
-    if passage_lens.size and passage_lens.max() > lengths[-1]:
-        raise ValueError(
-            f"a passage of {passage_lens.max()} tokens exceeds the largest bucket {lengths[-1]}"
-        )
-    natural = np.searchsorted(np.asarray(lengths), passage_lens, side="left")
+    natural = bucket_index(passage_lens, lengths)
     example_buckets = np.full(len(passage_lens), -1, dtype=np.int32)
     buckets: list[TrainBucket] = []
     carried = np.zeros(0, dtype=np.int64)
@@ -160,7 +160,7 @@ def assign_buckets(
         query_len = round_up(int(query_lens[members].max()), QUERY_LEN_MULTIPLE)
         batch_size = sizing.batch_size(query_len, int(passage_len), group_size)
         if members.size < batch_size:
-            if merge_small and j + 1 < len(lengths):
+            if j + 1 < len(lengths):
                 carried = members
             continue
         example_buckets[members] = len(buckets)
@@ -194,12 +194,8 @@ def epoch_plan(
 def measure_lengths(
     records: Sequence[Record],
     tokenizer: Any,
+    data: DataConfig,
     *,
-    query_max_len: int,
-    passage_max_len: int,
-    query_instruction: str | None = None,
-    passage_instruction: str | None = None,
-    instruction_format: str = "{}{}",
     chunk_size: int = 4096,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -213,20 +209,19 @@ def measure_lengths(
     owners: list[int] = []
     for index, record in enumerate(records):
         query, texts = apply_instructions(
-            record.query,
-            record.pos + record.neg,
-            query_instruction=query_instruction,
-            passage_instruction=passage_instruction,
-            prompt=record.prompt,
-            instruction_format=instruction_format,
+            record.query, record.pos + record.neg, record.prompt, data
         )
         queries.append(query)
         passages.extend(texts)
         owners.extend([index] * len(texts))
     if progress is None:
         progress = len(queries) + len(passages) > 10_000
-    query_lens = _token_lengths(tokenizer, queries, query_max_len, chunk_size, progress, "queries")
-    each = _token_lengths(tokenizer, passages, passage_max_len, chunk_size, progress, "passages")
+    query_lens = _token_lengths(
+        tokenizer, queries, data.query_max_len, chunk_size, progress, "queries"
+    )
+    each = _token_lengths(
+        tokenizer, passages, data.passage_max_len, chunk_size, progress, "passages"
+    )
     passage_lens = np.zeros(len(records), dtype=np.int32)
     np.maximum.at(passage_lens, np.asarray(owners, dtype=np.int64), each)
     return query_lens, passage_lens
@@ -237,8 +232,6 @@ def _token_lengths(
 ) -> np.ndarray:
     starts = range(0, len(texts), chunk_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=f"measuring {what}", unit="chunk")
     lengths = np.zeros(len(texts), dtype=np.int32)
     for start in starts:

@@ -1,0 +1,87 @@
+"""The model as data: its params pytree, abstract shapes, logical axes, and shape checks.
+
+`Params` is the plain nested dict that optax, orbax, sharding and conversion all use
+(`encoder/layers/0/attention/query/kernel`, ...). The abstract model is traced once per config
+(`nnx.eval_shape`, seconds for the full geometry) and cached; everything that needs shapes,
+dtypes, logical axes or the graph definition derives them from it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m3_jax.config import ModelConfig
+from m3_jax.model.m3 import M3Model
+
+Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(config: ModelConfig) -> M3Model:
+    """`M3Model(config)` with ShapeDtypeStructs for arrays: nothing allocated, traced once."""
+    return nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
+
+
+def graphdef(config: ModelConfig) -> nnx.GraphDef:
+    """The static structure that `nnx.merge(graphdef, params)` turns back into a model."""
+    return nnx.graphdef(abstract_model(config))
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """The params pytree of `M3Model(config)` as ShapeDtypeStructs."""
+    return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+
+
+def logical_axes(config: ModelConfig) -> Any:
+    """The params pytree with each leaf replaced by its tuple of logical axis names."""
+    names = jax.tree.map(
+        lambda v: tuple(v.get_metadata()["out_sharding"]),
+        nnx.state(abstract_model(config), nnx.Param),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(names)
+
+
+def init_params(config: ModelConfig, seed: int) -> Params:
+    """A random init of `M3Model(config)` (traceable: under `jit` with out_shardings each device
+    computes only its own slices)."""
+    model = M3Model(config, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def check_params(params: Params, config: ModelConfig, source: str) -> None:
+    """Errors naming every missing, unexpected or wrongly shaped parameter."""
+    expected = {
+        jax.tree_util.keystr(path): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))
+    }
+    got = {
+        jax.tree_util.keystr(path): np.shape(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(expected))]
+    problems += [
+        f"{k} has shape {got[k]}, expected {expected[k]}"
+        for k in sorted(set(got) & set(expected))
+        if tuple(got[k]) != tuple(expected[k])
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: parameters do not fit the model config:\n  " + "\n  ".join(problems)
+        )
+
+
+def model_from_params(config: ModelConfig, params: Params) -> M3Model:
+    """An M3Model holding `params` (cast to config.param_dtype), after a full shape check."""
+    check_params(params, config, "params")
+    state = nnx.state(abstract_model(config))
+    dtype = jnp.dtype(config.param_dtype)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+    return nnx.merge(graphdef(config), state)
