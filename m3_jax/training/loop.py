@@ -78,9 +78,9 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
     mesh = sharding.mesh_from_config(run.mesh)
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    loader, dev_loader = (
-        None if recs is None else make_loader(run, recs, tokenizer, mesh, show)
-        for recs in (records, dev_records)
+    loader = make_loader(run, records, tokenizer, mesh, show)
+    dev_loader = (
+        None if dev_records is None else make_loader(run, dev_records, tokenizer, mesh, show)
     )
     total_steps = run.train.num_steps or run.train.num_epochs * loader.steps_per_epoch
     log_plan(loader, len(records), total_steps)
