@@ -26,6 +26,8 @@ from m3_jax.evaluation import evaluate_heldout, evaluate_retrieval
 from m3_jax.sharding import initialize_distributed
 from m3_jax.training.loop import train
 
+HELP_COLUMN = 52  # where --help starts each key's description
+
 
 def config_file(argv: Sequence[str]) -> str | None:
     """The FILE[:ARG] value of --config in `argv`, if any."""
@@ -64,10 +66,9 @@ def help_text(spec: str | None) -> str:
     config = RunConfig.from_config_dict(load_config(spec)) if spec else RunConfig()
     lines = ["usage: m3-jax train --config FILE[:ARG] [--config.KEY=VALUE ...]", "", __doc__]
     lines.append(f"Config keys and their values in {spec or 'the defaults'}:")
-    rows = config.doc_lines()
-    width = max(len(f"--config.{key}={value!r}") for key, value, _ in rows)
-    for key, value, doc in rows:
-        lines.append(f"  {f'--config.{key}={value!r}':<{width}}  {doc}")
+    for key, value, doc in config.doc_lines():
+        flag = f"--config.{key}={value!r}"
+        lines.append(f"  {flag:<{HELP_COLUMN}}  {doc}")  # a longer value pushes its doc right
     return "\n".join(lines)
 
 
