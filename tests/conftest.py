@@ -3,8 +3,9 @@
 The environment set here is inherited by every process the tests start (training runs,
 multi-process runs, notebook kernels):
 - no network; 8 CPU devices for the sharding tests;
-- XLA's backend optimisations off: the tests check numbers, not speed, and on these tiny
-  programs the optimisation passes cost more compile time than they ever save;
+- XLA's backend optimisations off, and its older CPU fusion emitters (about half the compile
+  time of the new ones): the tests check numbers, not speed, and on these tiny programs the
+  optimisation passes cost more compile time than they ever save;
 - one persistent compilation cache for the whole run, so a program compiled by one test or
   process (a train step, say, before and after a resume) is read back by the others.
 """
@@ -15,7 +16,8 @@ import os
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+CHEAP_CPU_COMPILES = "--xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CHEAP_CPU_COMPILES}")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="m3_jax_tests_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -73,3 +75,30 @@ def demo_run(tmp_path_factory, demo_train_file, xla_cache) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("demo_run") / "run"
     summary = train(RunConfig.from_config_dict(demo_config(workdir, demo_train_file, xla_cache)))
     return workdir, summary
+
+
+# Each pytest-xdist worker builds its own session fixtures (tokenizers, tiny models, the demo
+# run); past a few workers that duplication costs more than the extra cores give.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's worksteal, worker i starts on the i-th contiguous share of the
+    collection: deal the slow tests (processes, notebooks) round-robin to the shares' fronts, so
+    that they run side by side rather than one after another on one worker."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    order = []
+    for share in range(workers):
+        # The share sizes worksteal hands out: what is left, split evenly over the workers left.
+        size = (len(items) - len(order)) // (workers - share)
+        front = slow[share::workers]
+        take = max(0, size - len(front))
+        order += front + fast[:take]
+        fast = fast[take:]
+    items[:] = order + fast

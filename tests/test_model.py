@@ -211,7 +211,8 @@ def test_scan_over_layers_same_outputs_and_gradients(remat):
             np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), rtol=1e-6, atol=1e-7
         )
     for g, g_s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s), strict=True):
-        np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=1e-5, atol=1e-6)
+        # atol: a few fp32 roundings of the O(1) terms that cancel into gradients near zero.
+        np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=1e-5, atol=2e-6)
 
 
 def test_dropout_only_with_rng():

@@ -15,9 +15,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import CHEAP_CPU_COMPILES
 from demo_runs import ROOT
 
 from m3_jax.loading import load_params
+from m3_jax.run_dir import checkpoint_steps
 
 pytestmark = pytest.mark.slow  # each test starts training processes
 
@@ -31,7 +33,11 @@ def free_port() -> int:
 
 
 def command(
-    workdir: Path, train_file: Path, cache: Path, *extra: str, steps: int = NUM_STEPS
+    workdir: Path,
+    train_file: Path,
+    cache: Path,
+    *extra: str,
+    steps: int = NUM_STEPS,
 ) -> list[str]:
     return [
         sys.executable,
@@ -61,7 +67,7 @@ def run(commands: list[list[str]], devices: int, timeout: float = 600) -> None:
     # rounding, and unoptimised programs round reductions differently on 4 and 8 devices.
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP_CPU_COMPILES}",
         JAX_DISABLE_MOST_OPTIMIZATIONS="0",
     )
     procs = [
@@ -84,18 +90,15 @@ def losses(workdir: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k.startswith("loss/")} for row in rows]
 
 
-@pytest.fixture(scope="module")
-def train_file(demo_train_file) -> Path:
-    return demo_train_file
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, train_file, xla_cache) -> dict[str, Path]:
-    """NUM_STEPS steps in one process with 8 devices, and in two processes with 4 each."""
-    root = tmp_path_factory.mktemp("runs")
-    cache = xla_cache
-    single, multi = root / "single", root / "multi"
-    run([command(single, train_file, cache)], devices=8)
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
+    tmp_path, demo_train_file, xla_cache
+):
+    """NUM_STEPS steps in two processes of 4 devices equal NUM_STEPS in one process of 8
+    devices; both runs then go on for two more steps, the two-process run's checkpoint in one
+    process on 4 devices, and stay equal. (One test, so that pytest-xdist runs the four launches
+    once, on one worker.)"""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run([command(single, demo_train_file, xla_cache)], devices=8)
     port = free_port()
     distributed = [
         "--config.distributed.initialize=True",
@@ -104,40 +107,37 @@ def runs(tmp_path_factory, train_file, xla_cache) -> dict[str, Path]:
     ]
     run(
         [
-            command(multi, train_file, cache, *distributed, f"--config.distributed.process_id={i}")
+            command(
+                multi, demo_train_file, xla_cache, *distributed,
+                f"--config.distributed.process_id={i}",
+            )
             for i in range(2)
         ],
         devices=4,
-    )
-    return {"single": single, "multi": multi, "cache": cache}
+    )  # fmt: skip
+    assert_same_losses(losses(multi), losses(single), NUM_STEPS)
+    # Both processes wrote the same checkpoints (a periodic one and the last) and one export.
+    assert checkpoint_steps(multi) == [2, NUM_STEPS]
+    assert_params_close(load_params(multi / "export").params, load_params(single / "export").params)
+
+    # Two more steps: the 8-device run in place, the two-process run on 4 devices in one process.
+    # (A longer run has another learning-rate schedule, so the reference is extended too.)
+    total = NUM_STEPS + 2
+    run([command(single, demo_train_file, xla_cache, steps=total)], devices=8)
+    run([command(multi, demo_train_file, xla_cache, steps=total)], devices=4)
+    assert_same_losses(losses(multi)[NUM_STEPS:], losses(single)[NUM_STEPS:], 2)
+    assert_params_close(load_params(multi / "export").params, load_params(single / "export").params)
 
 
-def test_two_processes_train_like_one_process_with_eight_devices(runs):
-    single, multi = runs["single"], runs["multi"]
-    want, got = losses(single), losses(multi)
-    assert len(want) == len(got) == NUM_STEPS
+def assert_same_losses(got: list[dict], want: list[dict], count: int) -> None:
+    assert len(got) == len(want) == count
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
-    # Both wrote checkpoints of the same steps and an export of the same params.
-    steps = sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == ["2", "3"]
-    single_params = load_params(single / "export").params
-    multi_params = load_params(multi / "export").params
-    for a, b in zip(jax.tree.leaves(multi_params), jax.tree.leaves(single_params), strict=True):
+
+
+def assert_params_close(got, want) -> None:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         # Adam turns reduction-order rounding in near-zero gradients into steps of up to lr.
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
-
-
-def test_resume_on_fewer_devices_and_hosts_continues_the_run(runs, train_file):
-    # Two more steps: the 8-device run in place, the 2-process run's checkpoint in one process
-    # on 4 devices.
-    single, multi, cache = runs["single"], runs["multi"], runs["cache"]
-    run([command(single, train_file, cache, steps=NUM_STEPS + 2)], devices=8)
-    run([command(multi, train_file, cache, steps=NUM_STEPS + 2)], devices=4)
-    want, got = losses(single), losses(multi)
-    assert len(want) == len(got) == NUM_STEPS + 2
-    for a, b in zip(got[NUM_STEPS:], want[NUM_STEPS:], strict=True):
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)

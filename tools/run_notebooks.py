@@ -26,7 +26,12 @@ def execute(path: Path, *, tiny: bool, workdir: Path, timeout: int = 1800) -> nb
     """The notebook at `path`, executed in a fresh kernel started in its directory; a failing cell
     raises nbclient's CellExecutionError naming the cell and the traceback."""
     notebook = nbformat.read(path, as_version=4)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # notebooks pick devices
+    env = dict(os.environ)
+    # The notebooks pick their devices; other XLA flags pass through.
+    flags = env.pop("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     env.update(
         M3_NOTEBOOK_WORKDIR=str(workdir), MPLBACKEND="module://matplotlib_inline.backend_inline"
     )
