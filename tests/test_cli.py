@@ -62,6 +62,7 @@ def test_every_option_is_listed_with_its_default():
     assert sorted(commands) == [
         "convert from-pytorch",
         "convert to-pytorch",
+        "data prepare",
         "encode",
         "evaluate",
         "score",

@@ -1,0 +1,678 @@
+"""Prepare FlagEmbedding jsonl training data once: validate, tokenize, deduplicate passages,
+bucket by length, and write the TFDS / ArrayRecord set that training reads (`prepared.py`).
+
+Three stages, the first and last in `num_workers` processes:
+
+1. tokenize: each input file is cut into line-aligned pieces of about `piece_bytes`; a worker
+   validates every record of a piece (file:line:field errors), applies the instructions,
+   tokenizes the query and each distinct passage, and saves the piece to `work/`.
+2. plan: passage ids by first occurrence over all pieces (a 128-bit hash of the text), each
+   example's bucket from its longest passage, the shard files of every split.
+3. write: each worker serializes its piece's passages and examples into ArrayRecord shards;
+   then the TFDS metadata and `manifest.json` are written.
+
+Everything is written under `OUT.incomplete/` and renamed to OUT at the end, so OUT is never
+half-written. Rerunning the same command after a crash keeps the finished pieces and shards;
+other inputs or settings are refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm.auto import tqdm
+
+from m3_jax.bucketing import TRAINING_LENGTHS, bucket_index, lengths_up_to
+from m3_jax.config import DataConfig
+from m3_jax.data.prepared import (
+    EXAMPLES_NAME,
+    MANIFEST_FILE,
+    NO_IN_BATCH_NEG_SUFFIX,
+    PASSAGES_DIR,
+    PASSAGES_NAME,
+    PASSAGES_SPLIT,
+    SCHEMA_VERSION,
+    Manifest,
+    PreparedBucket,
+    PreparedDataset,
+    describe_settings_change,
+    example_features,
+    flat,
+    passage_features,
+    read_manifest,
+    split_name,
+    tokenizer_fingerprint,
+)
+from m3_jax.data.records import data_files, parse_record
+from m3_jax.data.sampler import apply_instructions
+from m3_jax.input_files import InputError, line_aligned_pieces, read_jsonl
+from m3_jax.tokenization import load_tokenizer, tokenize
+
+SETTINGS_FILE = "settings.json"
+WORK_DIR = "work"
+FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+# One record per ArrayRecord chunk: the loader reads records at random.
+ARRAY_RECORD_OPTIONS = "group_size:1"
+TOKENIZE_BATCH = 1024
+# The FlagEmbedding per-file fields: every record of a dataset must agree on them.
+DATASET_FIELDS = ("type", "batch_size", "train_group_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSettings:
+    """How texts become token ids. Training may truncate shorter than the max lengths, never
+    longer; the instructions are applied here, once (a record's `prompt` replaces the query
+    instruction)."""
+
+    tokenizer: str
+    query_max_len: int = 512
+    passage_max_len: int = 8192
+    query_instruction: str | None = None
+    passage_instruction: str | None = None
+    instruction_format: str = "{}{}"
+    bucket_lengths: tuple[int, ...] = TRAINING_LENGTHS
+
+    def data_config(self) -> DataConfig:
+        """The same max lengths and instructions as a DataConfig (which checks them)."""
+        return DataConfig(
+            query_max_len=self.query_max_len,
+            passage_max_len=self.passage_max_len,
+            query_instruction=self.query_instruction,
+            passage_instruction=self.passage_instruction,
+            instruction_format=self.instruction_format,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """What decides the token ids and the buckets (the tokenizer by its fingerprint)."""
+        return {
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "query_max_len": self.query_max_len,
+            "passage_max_len": self.passage_max_len,
+            "query_instruction": self.query_instruction,
+            "passage_instruction": self.passage_instruction,
+            "instruction_format": self.instruction_format,
+            "bucket_lengths": list(lengths_up_to(self.bucket_lengths, self.passage_max_len)),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class InputDataset:
+    source: Path
+    files: tuple[Path, ...]
+    no_in_batch_neg: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Lines [start, end) of `file` (the whole file when `byte_range` is None: .gz)."""
+
+    index: int
+    dataset: int
+    file: Path
+    byte_range: tuple[int, int] | None
+    first_line: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    manifest: Manifest
+    out: Path
+    already_prepared: bool  # the output existed with these inputs and settings: nothing done
+
+
+def input_datasets(inputs: Sequence[str | os.PathLike]) -> list[InputDataset]:
+    """Each input file, or directory of .jsonl/.json files, is one dataset."""
+    if not inputs:
+        raise InputError("no input files or directories given")
+    datasets = []
+    for source in map(Path, inputs):
+        files = tuple(data_files(source))
+        directory = source if source.is_dir() else source.parent
+        datasets.append(
+            InputDataset(source, files, directory.name.endswith(NO_IN_BATCH_NEG_SUFFIX))
+        )
+    return datasets
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path.absolute()), "bytes": path.stat().st_size, "sha256": digest}
+
+
+def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> list[Piece]:
+    pieces: list[Piece] = []
+    for d, dataset in enumerate(datasets):
+        for file in dataset.files:
+            if file.suffix == ".gz":
+                pieces.append(Piece(len(pieces), d, file, None, 1, file.stat().st_size))
+                continue
+            for start, end, line in line_aligned_pieces(file, piece_bytes):
+                pieces.append(Piece(len(pieces), d, file, (start, end), line, end - start))
+    return pieces
+
+
+# Stage 1: tokenize one piece ------------------------------------------------------------------
+
+
+def _dataset_fields(obj: dict, where: str) -> tuple[Any, ...]:
+    values = []
+    for name in DATASET_FIELDS:
+        value = obj.get(name)
+        if name != "type" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(
+                    f"{where}: field '{name}': expected a positive integer, got {value!r}"
+                )
+        values.append(value)
+    return tuple(values)
+
+
+def text_key(text: str) -> bytes:
+    """The 128-bit identity of a passage text (after its instruction)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def tokenize_piece(
+    piece: Piece, tokenizer: Any, settings: PrepareSettings
+) -> dict[str, np.ndarray]:
+    """The piece's records as flat arrays: queries' token ids, each record's passage references
+    (into the piece's distinct passages, positives first), teacher scores, and the distinct
+    passages' keys and token ids."""
+    data = settings.data_config()
+    queries: list[str] = []
+    refs: list[int] = []
+    pos_counts: list[int] = []
+    neg_counts: list[int] = []
+    scores: list[float] = []
+    has_scores: list[bool] = []
+    keys: dict[bytes, int] = {}
+    passages: list[str] = []
+    fields: dict[tuple[Any, ...], str] = {}
+    for where, obj in read_jsonl(piece.file, piece.byte_range, piece.first_line):
+        record = parse_record(obj, where)
+        fields.setdefault(_dataset_fields(obj, where), where)
+        query, texts = apply_instructions(
+            record.query, record.pos + record.neg, record.prompt, data
+        )
+        queries.append(query)
+        for text in texts:
+            key = text_key(text)
+            if key not in keys:
+                keys[key] = len(passages)
+                passages.append(text)
+            refs.append(keys[key])
+        pos_counts.append(len(record.pos))
+        neg_counts.append(len(record.neg))
+        scored = record.pos_scores is not None and (record.neg_scores is not None or not record.neg)
+        has_scores.append(scored)
+        scores.extend(
+            (record.pos_scores or ()) + (record.neg_scores or ())
+            if scored
+            else [np.nan] * len(texts)
+        )
+    query_values, query_lengths = flat(
+        _tokenize(tokenizer, queries, settings.query_max_len), np.int32
+    )
+    passage_values, passage_lengths = flat(
+        _tokenize(tokenizer, passages, settings.passage_max_len), np.int32
+    )
+    return {
+        "query_values": query_values,
+        "query_lengths": query_lengths,
+        "pos_counts": np.asarray(pos_counts, np.int64),
+        "neg_counts": np.asarray(neg_counts, np.int64),
+        "refs": np.asarray(refs, np.int64),
+        "scores": np.asarray(scores, np.float32),
+        "has_scores": np.asarray(has_scores, bool),
+        "passage_keys": np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16),
+        "passage_values": passage_values,
+        "passage_lengths": passage_lengths,
+        "fields": np.asarray(json.dumps([[list(k), w] for k, w in fields.items()])),
+    }
+
+
+def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        out.extend(tokenize(tokenizer, texts[start : start + TOKENIZE_BATCH], max_length))
+    return out
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:
+        np.savez(f, **arrays)
+    os.replace(partial, path)
+
+
+# Stage 2: plan ids, buckets and shards --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceWrite:
+    """What stage 3 writes for one piece: the global id of each of its distinct passages, which
+    of them it stores (their first occurrence), each record's bucket, and the shard files."""
+
+    piece: int
+    tokens_file: Path
+    passage_ids: np.ndarray
+    owned: np.ndarray
+    example_buckets: np.ndarray
+    passage_shard: Path | None
+    example_shards: dict[int, Path]  # bucket index -> shard file
+
+
+def _first_occurrence_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(id of every key, whether it is that id's first occurrence); ids count distinct keys in
+    order of first occurrence."""
+    as_void = np.ascontiguousarray(keys).view(np.dtype((np.void, 16))).ravel()
+    _, first, inverse = np.unique(as_void, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    ids = rank[inverse.ravel()]
+    owned = first[inverse.ravel()] == np.arange(len(keys))
+    return ids, owned
+
+
+def _shard_file(root: Path, name: str, split: str, index: int, count: int) -> Path:
+    return root / f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+# Stage 3: write one piece's shards ------------------------------------------------------------
+
+
+def _write_records(path: Path, serialized: Iterator[bytes]) -> None:
+    if path.exists():
+        return  # written before a restart; the same inputs give the same bytes
+    partial = path.with_name(path.name + ".partial")
+    writer = ArrayRecordWriter(str(partial), ARRAY_RECORD_OPTIONS)
+    for record in serialized:
+        writer.write(record)
+    writer.close()
+    os.replace(partial, path)
+
+
+def write_piece(task: PieceWrite) -> None:
+    arrays = np.load(task.tokens_file)
+    if task.passage_shard is not None:
+        features = passage_features()
+        values, lengths = arrays["passage_values"], arrays["passage_lengths"]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        owned = np.flatnonzero(task.owned)
+        _write_records(
+            task.passage_shard,
+            (
+                features.serialize_example({"ids": values[offsets[i] : offsets[i + 1]]})
+                for i in owned
+            ),
+        )
+    features = example_features()
+    q_values, q_lengths = arrays["query_values"], arrays["query_lengths"]
+    q_offsets = np.concatenate([[0], np.cumsum(q_lengths)])
+    counts = arrays["pos_counts"] + arrays["neg_counts"]
+    r_offsets = np.concatenate([[0], np.cumsum(counts)])
+    ids = task.passage_ids[arrays["refs"]]
+    scores, has_scores, pos_counts = arrays["scores"], arrays["has_scores"], arrays["pos_counts"]
+
+    def examples(bucket: int) -> Iterator[bytes]:
+        for row in np.flatnonzero(task.example_buckets == bucket):
+            a, b, n_pos = r_offsets[row], r_offsets[row + 1], pos_counts[row]
+            row_scores = scores[a:b] if has_scores[row] else np.zeros(0, np.float32)
+            yield features.serialize_example(
+                {
+                    "query_ids": q_values[q_offsets[row] : q_offsets[row + 1]],
+                    "pos": ids[a : a + n_pos],
+                    "neg": ids[a + n_pos : b],
+                    "pos_scores": row_scores[:n_pos],
+                    "neg_scores": row_scores[n_pos:],
+                }
+            )
+
+    for bucket, path in task.example_shards.items():
+        _write_records(path, examples(bucket))
+
+
+# The driver -----------------------------------------------------------------------------------
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    settings: PrepareSettings,
+    *,
+    num_workers: int = 1,
+    overwrite: bool = False,
+    piece_bytes: int = 32 << 20,
+    progress: bool = True,
+) -> PrepareResult:
+    """Prepares `inputs` into `out` (see the module docstring); returns its manifest."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    out = Path(out)
+    datasets = input_datasets(inputs)
+    wanted = {
+        "settings": settings.to_json(),
+        "inputs": [file_identity(f) for d in datasets for f in d.files],
+    }
+    if (out / MANIFEST_FILE).is_file() and not overwrite:
+        manifest = read_manifest(out)
+        have = {"settings": manifest.settings, "inputs": list(manifest.inputs)}
+        if have == wanted:
+            return PrepareResult(manifest, out, already_prepared=True)
+        raise FileExistsError(f"{out}: {_differs(wanted, have)}; pass --overwrite to replace it")
+    if out.exists() and not overwrite and not (out / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{out}: exists and is not a prepared set; choose another --out")
+    staging = out.with_name(out.name + ".incomplete")
+    _open_staging(staging, wanted, overwrite)
+    work = staging / WORK_DIR
+    pieces = split_into_pieces(datasets, piece_bytes)
+    with _pool(num_workers) as run:
+        _tokenize_all(pieces, work, settings, run, progress)
+        manifest_pieces = [np.load(_tokens_file(work, p)) for p in pieces]
+        plan, manifest = _plan(pieces, manifest_pieces, datasets, staging, wanted)
+        _run_all(run, write_piece, plan, "writing", [p.size for p in pieces], progress)
+    _write_metadata(staging, manifest)
+    shutil.rmtree(work)
+    (staging / SETTINGS_FILE).unlink()
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=1), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return PrepareResult(manifest, out, already_prepared=False)
+
+
+def _differs(wanted: dict, have: dict) -> str:
+    if wanted["settings"] != have["settings"]:
+        change = describe_settings_change(wanted["settings"], have["settings"])
+        return f"prepared with other settings ({change})"
+    return "prepared from other input files (or their content changed)"
+
+
+def _open_staging(staging: Path, wanted: dict, overwrite: bool) -> None:
+    """The staging directory of this prepare: a leftover of the same prepare is continued."""
+    settings_file = staging / SETTINGS_FILE
+    if staging.exists():
+        have = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        if have == wanted:
+            return
+        if not overwrite:
+            reason = "an unfinished prepare" if have is None else _differs(wanted, have)
+            raise FileExistsError(
+                f"{staging}: left by an unfinished prepare with {reason}; "
+                "rerun that command to finish it, or pass --overwrite"
+            )
+        shutil.rmtree(staging)
+    (staging / WORK_DIR).mkdir(parents=True)
+    settings_file.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
+
+
+def _tokens_file(work: Path, piece: Piece) -> Path:
+    return work / f"tokens-{piece.index:06d}.npz"
+
+
+def _tokenize_all(pieces, work, settings, run, progress) -> None:
+    todo = [p for p in pieces if not _tokens_file(work, p).is_file()]
+    tasks = [(p, settings, _tokens_file(work, p)) for p in todo]
+    _run_all(run, _tokenize_task, tasks, "tokenizing", [p.size for p in todo], progress)
+
+
+_WORKER_TOKENIZER: dict[str, Any] = {}
+
+
+def _worker_tokenizer(path: str) -> Any:
+    if path not in _WORKER_TOKENIZER:
+        _WORKER_TOKENIZER[path] = load_tokenizer(path)
+    return _WORKER_TOKENIZER[path]
+
+
+def _tokenize_task(task: tuple[Piece, PrepareSettings, Path]) -> None:
+    piece, settings, target = task
+    _save_npz(target, tokenize_piece(piece, _worker_tokenizer(settings.tokenizer), settings))
+
+
+class _pool:
+    """`run(fn, tasks)` in this process (one worker) or in `num_workers` spawned processes,
+    yielding as tasks finish; a failure in any task is raised here."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        self.executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Callable:
+        if self.num_workers > 1:
+            self.executor = concurrent.futures.ProcessPoolExecutor(
+                self.num_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_quiet_worker,
+            )
+        return self.run
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+
+    def run(self, fn: Callable, tasks: Sequence) -> Iterator[int]:
+        if self.executor is None:
+            for i, task in enumerate(tasks):
+                fn(task)
+                yield i
+            return
+        futures = {self.executor.submit(fn, task): i for i, task in enumerate(tasks)}
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            yield futures[future]
+
+
+def _quiet_worker() -> None:
+    # One core per worker: the Rust tokenizer's own threads would compete with the other workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _run_all(run, fn, tasks, what: str, sizes: Sequence[int], progress: bool) -> None:
+    bar = tqdm(total=int(sum(sizes)), unit="B", unit_scale=True, desc=what, disable=not progress)
+    with bar:
+        for i in run(fn, tasks):
+            bar.update(sizes[i])
+
+
+def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], Manifest]:
+    settings = wanted["settings"]
+    lengths = tuple(settings["bucket_lengths"])
+    keys = np.concatenate([a["passage_keys"] for a in arrays])
+    ids, owned = _first_occurrence_ids(keys)
+    num_passages = int(owned.sum())
+    passage_lengths = np.zeros(num_passages, np.int64)
+    all_lengths = np.concatenate([a["passage_lengths"] for a in arrays])
+    passage_lengths[ids[owned]] = all_lengths[owned]
+    bounds = np.concatenate([[0], np.cumsum([len(a["passage_keys"]) for a in arrays])])
+    example_buckets, query_lengths = [], []
+    for i, a in enumerate(arrays):
+        piece_ids = ids[bounds[i] : bounds[i + 1]]
+        counts = a["pos_counts"] + a["neg_counts"]
+        longest = np.maximum.reduceat(passage_lengths[piece_ids[a["refs"]]], _starts(counts))
+        example_buckets.append(bucket_index(longest, lengths))
+        query_lengths.append(a["query_lengths"])
+    passage_pieces = [i for i in range(len(pieces)) if owned[bounds[i] : bounds[i + 1]].any()]
+    passages_root = staging / PASSAGES_DIR
+    passages_root.mkdir(exist_ok=True)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, piece in enumerate(pieces):
+        for bucket in np.unique(example_buckets[i]):
+            groups.setdefault((piece.dataset, int(bucket)), []).append(i)
+    plan = []
+    for i, piece in enumerate(pieces):
+        shards = {}
+        for (d, bucket), members in groups.items():
+            if d == piece.dataset and i in members:
+                split = split_name(d, lengths[bucket])
+                shards[bucket] = _shard_file(
+                    staging, EXAMPLES_NAME, split, members.index(i), len(members)
+                )
+        passage_shard = None
+        if i in passage_pieces:
+            passage_shard = _shard_file(
+                passages_root,
+                PASSAGES_NAME,
+                PASSAGES_SPLIT,
+                passage_pieces.index(i),
+                len(passage_pieces),
+            )
+        plan.append(
+            PieceWrite(
+                i,
+                _tokens_file(staging / WORK_DIR, piece),
+                ids[bounds[i] : bounds[i + 1]],
+                owned[bounds[i] : bounds[i + 1]],
+                example_buckets[i],
+                passage_shard,
+                shards,
+            )
+        )
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        settings=settings,
+        inputs=tuple(wanted["inputs"]),
+        datasets=tuple(
+            _dataset_entry(
+                d,
+                dataset,
+                pieces,
+                arrays,
+                example_buckets,
+                query_lengths,
+                lengths,
+                passage_lengths,
+                ids,
+                bounds,
+            )
+            for d, dataset in enumerate(datasets)
+        ),
+        passages=num_passages,
+        query_tokens=int(sum(a["query_lengths"].sum() for a in arrays)),
+        passage_tokens=int(passage_lengths.sum()),
+    )
+    return plan, manifest
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _dataset_entry(
+    d,
+    dataset,
+    pieces,
+    arrays,
+    example_buckets,
+    query_lengths,
+    lengths,
+    passage_lengths,
+    ids,
+    bounds,
+) -> PreparedDataset:
+    members = [i for i, p in enumerate(pieces) if p.dataset == d]
+    buckets_of = np.concatenate([example_buckets[i] for i in members])
+    queries_of = np.concatenate([query_lengths[i] for i in members])
+    longest_of = []
+    for i in members:
+        a = arrays[i]
+        counts = a["pos_counts"] + a["neg_counts"]
+        piece_ids = ids[bounds[i] : bounds[i + 1]]
+        longest_of.append(
+            np.maximum.reduceat(passage_lengths[piece_ids[a["refs"]]], _starts(counts))
+        )
+    longest = np.concatenate(longest_of)
+    fields: dict[tuple, str] = {}
+    for i in members:
+        for values, where in json.loads(str(arrays[i]["fields"])):
+            fields.setdefault(tuple(values), where)
+    if len(fields) > 1:
+        (first, where_a), (second, where_b) = list(fields.items())[:2]
+        raise InputError(
+            f"{where_b}: fields {', '.join(DATASET_FIELDS)} = {list(second)}, but {where_a} has "
+            f"{list(first)}; every record of a dataset ({dataset.source}) must agree on them"
+        )
+    record_type, batch_size, group_size = next(iter(fields)) if fields else (None, None, None)
+    buckets = []
+    for b, length in enumerate(lengths):
+        rows = buckets_of == b
+        if rows.any():
+            buckets.append(
+                PreparedBucket(
+                    passage_len=int(length),
+                    split=split_name(d, length),
+                    examples=int(rows.sum()),
+                    max_query_len=int(queries_of[rows].max()),
+                    max_passage_len=int(longest[rows].max()),
+                )
+            )
+    return PreparedDataset(
+        index=d,
+        source=str(dataset.source.absolute()),
+        files=tuple(str(f.absolute()) for f in dataset.files),
+        records=int(len(buckets_of)),
+        no_in_batch_neg=dataset.no_in_batch_neg,
+        has_scores=bool(all(arrays[i]["has_scores"].all() for i in members)),
+        type=record_type,
+        batch_size=batch_size,
+        train_group_size=group_size,
+        buckets=tuple(buckets),
+    )
+
+
+def _write_metadata(staging: Path, manifest: Manifest) -> None:
+    """dataset_info.json and features.json of both TFDS datasets, from the shards on disk."""
+    examples = [
+        _split_info(staging, EXAMPLES_NAME, b.split) for d in manifest.datasets for b in d.buckets
+    ]
+    description = "m3_jax prepared training set; see manifest.json"
+    tfds.folder_dataset.write_metadata(
+        data_dir=staging,
+        features=example_features(),
+        split_infos=examples,
+        filename_template=FILE_TEMPLATE,
+        check_data=False,
+        description=description,
+    )
+    tfds.folder_dataset.write_metadata(
+        data_dir=staging / PASSAGES_DIR,
+        features=passage_features(),
+        split_infos=[_split_info(staging / PASSAGES_DIR, PASSAGES_NAME, PASSAGES_SPLIT)],
+        filename_template=FILE_TEMPLATE,
+        check_data=False,
+        description=description,
+    )
+
+
+def _split_info(root: Path, name: str, split: str) -> tfds.core.SplitInfo:
+    files = sorted(root.glob(f"{name}-{split}.array_record-*"))
+    files = [f for f in files if not f.name.endswith(".partial")]
+    shard_lengths = [len(ArrayRecordDataSource([str(f)])) for f in files]
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=root,
+        template=FILE_TEMPLATE,
+        dataset_name=name,
+        split=split,
+        filetype_suffix="array_record",
+    )
+    return tfds.core.SplitInfo(
+        name=split,
+        shard_lengths=shard_lengths,
+        num_bytes=sum(f.stat().st_size for f in files),
+        filename_template=template,
+    )
