@@ -48,11 +48,11 @@ def test_unknown_keys_and_bad_values_are_errors():
     with pytest.raises(ValueError, match=r"unknown config keys \['optm'\]"):
         RunConfig.from_config_dict(c)
     with pytest.raises(ValueError, match="kd_loss_type"):
-        LossConfig(kd_loss_type="kl")
+        RunConfig.from_config_dict({"loss": {"kd_loss_type": "kl"}})
     with pytest.raises(ValueError, match="eval.mode"):
         RunConfig.from_config_dict({"eval": {"mode": "best"}})
-    with pytest.raises(ValueError, match="two '{}' fields"):
-        DataConfig(instruction_format="{}")
+    with pytest.raises(ValueError, match=r"data.instruction_format '\{1\}\{0\}'.*then the text"):
+        RunConfig.from_config_dict({"data": {"instruction_format": "{1}{0}"}})
     with pytest.raises(ValueError, match="at least 3"):
         DataConfig(query_max_len=2)
 

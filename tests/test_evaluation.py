@@ -54,6 +54,20 @@ def dataset_dir(tmp_path_factory) -> Path:
     return write_beir(small, tmp_path_factory.mktemp("beir") / "demo")
 
 
+class Recording:
+    """Records the options of every encode call; everything else goes to the real embedder."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, texts, **kwargs):
+        self.calls.append(kwargs)
+        return self.inner.encode(texts, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def dataset(dataset_dir):
     return load_beir(dataset_dir)
@@ -139,29 +153,16 @@ def test_encoding_matches_embedder_and_resumes_from_shards(embedder, dataset, en
             {k: float(v) for k, v in direct["lexical_weights"][i].items()}
         )
 
-    class Counting:
-        """Counts the shards encoded; everything else goes to the real embedder."""
-
-        def __init__(self, inner):
-            self.inner, self.calls = inner, 0
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def encode(self, texts, **kwargs):
-            self.calls += 1
-            return self.inner.encode(texts, **kwargs)
-
     cache = tmp_path / "cache"
     kwargs = dict(max_length=512, shard_size=16, cache_dir=cache, model_fingerprint="tiny")
-    first = Counting(embedder)
+    first = Recording(embedder)
     encode_texts(first, dataset.doc_texts, progress=False, **kwargs)
     shards = sorted(cache.glob("shard-*.npz"))
-    assert first.calls == len(shards) >= 3
+    assert len(first.calls) == len(shards) >= 3
     shards[1].unlink()  # as if the run had stopped before this shard
-    second = Counting(embedder)
+    second = Recording(embedder)
     resumed = encode_texts(second, dataset.doc_texts, progress=False, **kwargs)
-    assert second.calls == 1
+    assert len(second.calls) == 1
     np.testing.assert_array_equal(resumed.dense, corpus.dense)
     np.testing.assert_array_equal(resumed.colbert_vecs, corpus.colbert_vecs)
     assert (resumed.sparse != corpus.sparse).nnz == 0
@@ -248,8 +249,25 @@ def test_repeated_evaluation_swaps_weights_without_recompiling(tiny_model_dir, d
 
 
 def test_only_the_outputs_a_mode_needs(embedder, dataset):
-    result = evaluate_embedder(embedder, dataset, modes=["sparse"], ks=[10], progress=False)
-    assert list(result.metrics) == ["sparse"] and 0 <= result.metrics["sparse"]["ndcg@10"] <= 1
+    for modes, outputs in (
+        (["sparse"], {"sparse"}),
+        (["dense", "sparse+dense"], {"dense", "sparse"}),
+        (["colbert"], {"dense", "colbert"}),  # the dense search picks what ColBERT reranks
+    ):
+        spy = Recording(embedder)
+        result = evaluate_embedder(spy, dataset, modes=modes, ks=[10], progress=False)
+        assert list(result.metrics) == modes
+        asked = {
+            name
+            for call in spy.calls
+            for name, option in (
+                ("dense", "return_dense"),
+                ("sparse", "return_sparse"),
+                ("colbert", "return_colbert_vecs"),
+            )
+            if call.get(option)
+        }
+        assert spy.calls and asked == outputs, (modes, spy.calls)
     with pytest.raises(ValueError, match="expected a non-empty subset"):
         evaluate_embedder(embedder, dataset, modes=["bm25"], progress=False)
 

@@ -207,13 +207,14 @@ def encode_all(embedder: M3Embedder, texts, max_length: int) -> dict:
 # The fixture itself is informative -------------------------------------------------------------
 
 
-def test_fixture_is_informative(references, texts):
-    """Guards against a checkpoint whose outputs are too uniform for parity to mean anything."""
+def test_outputs_are_informative(references, embedder, texts):
+    """m3_jax's outputs on the parity checkpoint are varied enough for parity to mean anything,
+    drop <unk> from the lexical weights and have unit-norm ColBERT rows."""
     ref = references["safetensors"]
     lengths = [len(ids) for ids in ref.tokenizer(texts)["input_ids"]]
     assert min(lengths) == 3, "no text of a single content token"
     assert max(lengths) > MAX_LENGTH, "no text long enough to be truncated at 512"
-    out = ref.encode(texts, MAX_LENGTH, REF_BATCH)
+    out = encode_all(embedder("safetensors/xla"), texts, MAX_LENGTH)
 
     dense = out["dense_vecs"]
     cosine = dense @ dense.T
@@ -237,13 +238,6 @@ def test_fixture_is_informative(references, texts):
     rows = np.concatenate(out["colbert_vecs"])
     assert np.allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
     assert (rows @ rows.T).min() < 0.0, "colbert vectors all point the same way"
-
-
-def test_safetensors_and_bin_references_agree(references, texts):
-    """The two checkpoint formats hold the same weights (the builder's own check)."""
-    a = references["safetensors"].encode(texts[:4], MAX_LENGTH, REF_BATCH)
-    b = references["bin"].encode(texts[:4], MAX_LENGTH, REF_BATCH)
-    np.testing.assert_array_equal(a["dense_vecs"], b["dense_vecs"])
 
 
 # Tokenizer -------------------------------------------------------------------------------------
