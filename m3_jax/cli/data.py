@@ -4,8 +4,8 @@
     m3-jax data prepare data/en data/zh data/mldr_no_in_batch_neg --tokenizer DIR --out DIR \\
         --num-workers 8
 
-Each input file, or directory of .jsonl/.json files, is one dataset (every training batch comes
-from one dataset). The output is a TFDS dataset in ArrayRecord files that `data.train_files`
+Each input file, and each .jsonl/.json file of an input directory, is one dataset (every training
+batch comes from one dataset, as in FlagEmbedding). The output is a TFDS dataset in ArrayRecord files that `data.train_files`
 takes; rerunning an interrupted command continues it, and rerunning a finished one does nothing.
 """
 
@@ -21,7 +21,9 @@ from m3_jax.data.prepared import PASSAGES_DIR
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="jsonl files or directories (one dataset each)")
+    parser.add_argument(
+        "inputs", nargs="+", help="jsonl files or directories of them (one dataset per file)"
+    )
     parser.add_argument("--tokenizer", required=True, help="directory holding the tokenizer files")
     parser.add_argument("--out", required=True, help="the prepared directory to write")
     defaults = PrepareSettings(tokenizer="")

@@ -110,8 +110,11 @@ class PrepareSettings:
 
 @dataclasses.dataclass(frozen=True)
 class InputDataset:
-    source: Path
-    files: tuple[Path, ...]
+    """One input file. `directory`: the input directory it was found in (None for a file given
+    by itself); training merges a directory's small files (FlagEmbedding's small_threshold)."""
+
+    file: Path
+    directory: Path | None
     no_in_batch_neg: bool
 
 
@@ -135,16 +138,20 @@ class PrepareResult:
 
 
 def input_datasets(inputs: Sequence[str | os.PathLike]) -> list[InputDataset]:
-    """Each input file, or directory of .jsonl/.json files, is one dataset."""
+    """Each input file is one dataset, and each .jsonl/.json file of an input directory, as in
+    FlagEmbedding. A directory whose name ends in `no_in_batch_neg`, or a file whose name (before
+    the extension) does, trains without in-batch negatives."""
     if not inputs:
         raise InputError("no input files or directories given")
     datasets = []
     for source in map(Path, inputs):
-        files = tuple(data_files(source))
-        directory = source if source.is_dir() else source.parent
-        datasets.append(
-            InputDataset(source, files, directory.name.endswith(NO_IN_BATCH_NEG_SUFFIX))
-        )
+        if source.is_dir():
+            flag = source.name.endswith(NO_IN_BATCH_NEG_SUFFIX)
+            datasets += [InputDataset(f, source, flag) for f in data_files(source)]
+        else:
+            (file,) = data_files(source)
+            stem = file.name.split(".")[0]
+            datasets.append(InputDataset(file, None, stem.endswith(NO_IN_BATCH_NEG_SUFFIX)))
     return datasets
 
 
@@ -157,12 +164,12 @@ def file_identity(path: Path) -> dict[str, Any]:
 def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> list[Piece]:
     pieces: list[Piece] = []
     for d, dataset in enumerate(datasets):
-        for file in dataset.files:
-            if file.suffix == ".gz":
-                pieces.append(Piece(len(pieces), d, file, None, 1, file.stat().st_size))
-                continue
-            for start, end, line in line_aligned_pieces(file, piece_bytes):
-                pieces.append(Piece(len(pieces), d, file, (start, end), line, end - start))
+        file = dataset.file
+        if file.suffix == ".gz":
+            pieces.append(Piece(len(pieces), d, file, None, 1, file.stat().st_size))
+            continue
+        for start, end, line in line_aligned_pieces(file, piece_bytes):
+            pieces.append(Piece(len(pieces), d, file, (start, end), line, end - start))
     return pieces
 
 
@@ -367,7 +374,7 @@ def prepare(
     datasets = input_datasets(inputs)
     wanted = {
         "settings": settings.to_json(),
-        "inputs": [file_identity(f) for d in datasets for f in d.files],
+        "inputs": [file_identity(d.file) for d in datasets],
     }
     if (out / MANIFEST_FILE).is_file() and not overwrite:
         manifest = read_manifest(out)
@@ -605,7 +612,7 @@ def _dataset_entry(
         (first, where_a), (second, where_b) = list(fields.items())[:2]
         raise InputError(
             f"{where_b}: fields {', '.join(DATASET_FIELDS)} = {list(second)}, but {where_a} has "
-            f"{list(first)}; every record of a dataset ({dataset.source}) must agree on them"
+            f"{list(first)}; every record of a dataset must agree on them"
         )
     record_type, batch_size, group_size = next(iter(fields)) if fields else (None, None, None)
     buckets = []
@@ -623,8 +630,8 @@ def _dataset_entry(
             )
     return PreparedDataset(
         index=d,
-        source=str(dataset.source.absolute()),
-        files=tuple(str(f.absolute()) for f in dataset.files),
+        source=str(dataset.file.absolute()),
+        directory=None if dataset.directory is None else str(dataset.directory.absolute()),
         records=int(len(buckets_of)),
         no_in_batch_neg=dataset.no_in_batch_neg,
         has_scores=bool(all(arrays[i]["has_scores"].all() for i in members)),

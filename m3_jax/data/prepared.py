@@ -15,8 +15,8 @@ prepared `query_max_len`), `pos` and `neg` (passage ids) and `pos_scores` / `neg
 (teacher scores, empty when the record has none). A passage is `ids`, truncated to the prepared
 `passage_max_len`. Token ids are stored flat per text (TFDS ragged tensors: values and length).
 
-Each input file given, or directory of files, is one dataset (FlagEmbedding trains every batch
-from one dataset). An example's length bucket is the smallest of `bucket_lengths` that holds its
+Each input file, and each file of an input directory, is one dataset (FlagEmbedding trains every
+batch from one dataset). An example's length bucket is the smallest of `bucket_lengths` that holds its
 longest passage (pos and neg), as in FlagEmbedding's `split_data_by_length.py`, so a batch plan
 needs only the counts in the manifest.
 """
@@ -96,12 +96,13 @@ class PreparedBucket:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedDataset:
-    """One input file or directory. `type`, `batch_size` and `train_group_size` are the
-    FlagEmbedding per-file fields (from the records), None when absent."""
+    """One input file (`directory`: the input directory holding it, or None). `type`,
+    `batch_size` and `train_group_size` are the FlagEmbedding per-file fields (from the
+    records), None when absent."""
 
     index: int
     source: str
-    files: tuple[str, ...]
+    directory: str | None
     records: int
     no_in_batch_neg: bool
     has_scores: bool
@@ -131,13 +132,7 @@ class Manifest:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Manifest:
         datasets = tuple(
-            PreparedDataset(
-                **{
-                    **d,
-                    "files": tuple(d["files"]),
-                    "buckets": tuple(PreparedBucket(**b) for b in d["buckets"]),
-                }
-            )
+            PreparedDataset(**{**d, "buckets": tuple(PreparedBucket(**b) for b in d["buckets"])})
             for d in obj["datasets"]
         )
         return cls(**{**obj, "inputs": tuple(obj["inputs"]), "datasets": datasets})
