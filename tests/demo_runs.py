@@ -16,7 +16,7 @@ NUM_STEPS = 12
 SAVE_EVERY = 4
 # The keys demo_config changes, as command-line overrides of configs/demo_cpu.py.
 OVERRIDDEN = [
-    "workdir", "data.train_files", "data.passage_max_len", "train.num_steps",
+    "workdir", "data.train_files", "data.cache_dir", "data.passage_max_len", "train.num_steps",
     "train.save_every", "train.log_every", "train.progress", "train.compilation_cache_dir",
     "train.peak_flops_per_s", "eval.heldout_file", "model.tokenizer",
 ]  # fmt: skip
@@ -26,6 +26,7 @@ def demo_config(workdir: Path, train_file: Path, cache: Path):
     c = demo_cpu.get_config()
     c.workdir = str(workdir)
     c.data.train_files = str(train_file)
+    c.data.cache_dir = str(workdir.parent / "data_cache")
     c.data.passage_max_len = 256
     c.train.num_steps = NUM_STEPS
     c.train.save_every = SAVE_EVERY

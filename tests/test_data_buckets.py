@@ -1,4 +1,4 @@
-"""The training batch plan: buckets, batch sizes and the epoch plan (m3_jax/data/plan.py)."""
+"""The training batch plan from manifest counts: buckets, batch sizes, the lazy epoch plan."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ import pytest
 from m3_jax.config import DataConfig
 from m3_jax.data.plan import (
     BatchSizing,
-    TrainBucket,
-    assign_buckets,
-    batches_per_epoch,
-    epoch_plan,
+    batch_of_step,
+    batch_positions,
     flag_embedding_batch_size,
-    measure_lengths,
+    plan_buckets,
 )
-from m3_jax.data.records import Record
-from m3_jax.tokenization import load_tokenizer
+from m3_jax.data.prepared import Manifest, PreparedBucket, PreparedDataset
 
 
 @pytest.mark.parametrize(
@@ -67,91 +64,127 @@ def test_token_budget_batch_sizes():
         BatchSizing(token_budget=1000, batch_multiple=8, max_batch_size=4)
 
 
-def test_assignment_and_static_query_length():
-    passage_lens = np.array([10, 128, 129, 256, 300, 500, 512, 60])
-    query_lens = np.array([5, 9, 17, 3, 30, 12, 8, 2])
-    sizing = BatchSizing(token_budget=10**9, max_batch_size=1)
-    example_buckets, buckets = assign_buckets(
-        query_lens, passage_lens, lengths=(128, 256, 512), group_size=2, sizing=sizing
+def manifest(*datasets: list[tuple[int, int, int, int]]) -> Manifest:
+    """A manifest of datasets given as [(passage_len, examples, max_query, max_passage), ...]."""
+    return Manifest(
+        schema_version=1,
+        settings={},
+        inputs=(),
+        datasets=tuple(
+            PreparedDataset(
+                index=d,
+                source=f"/data/d{d}.jsonl",
+                directory=None,
+                records=sum(b[1] for b in buckets),
+                no_in_batch_neg=False,
+                first_without_neg=None,
+                first_without_scores=None,
+                type=None,
+                batch_size=None,
+                train_group_size=None,
+                buckets=tuple(PreparedBucket(b[0], f"d{d}_len{b[0]}", *b[1:]) for b in buckets),
+            )
+            for d, buckets in enumerate(datasets)
+        ),
+        passages=0,
+        query_tokens=0,
+        passage_tokens=0,
     )
-    np.testing.assert_array_equal(example_buckets, [0, 0, 1, 1, 2, 2, 2, 0])
-    # Longest query of each bucket, rounded up to a multiple of 8.
-    assert buckets == (TrainBucket(16, 128, 1), TrainBucket(24, 256, 1), TrainBucket(32, 512, 1))
+
+
+DATA = DataConfig(group_size=2, query_max_len=64, passage_max_len=512, passage_buckets=(128, 256))
+
+
+def shapes(buckets):
+    return [(b.dataset, b.query_len, b.passage_len, b.examples) for b in buckets]
+
+
+def test_buckets_per_dataset_with_static_query_lengths():
+    sizing = BatchSizing(token_budget=10**9, max_batch_size=1)
+    m = manifest([(128, 5, 9, 100), (256, 3, 17, 200), (512, 2, 30, 500)], [(128, 4, 70, 120)])
+    buckets, unused = plan_buckets([m], DATA, sizing)
+    # Longest query of each bucket, truncated to query_max_len, rounded up to a multiple of 8.
+    assert shapes(buckets) == [
+        ("d0.jsonl (set 0)", 16, 128, 5),
+        ("d0.jsonl (set 0)", 24, 256, 3),
+        ("d0.jsonl (set 0)", 32, 512, 2),
+        ("d1.jsonl (set 0)", 64, 128, 4),
+    ]
+    assert unused == 0 and all(b.batch_size == 1 for b in buckets)
+
+
+def test_shorter_training_lengths_merge_prepared_buckets():
+    # Prepared up to 512; trained at passage_max_len 200: the 256 and 512 buckets both hold
+    # passages that now fit 200 tokens, and merge (in order) into one bucket.
+    data = DataConfig(group_size=2, query_max_len=64, passage_max_len=200)
+    sizing = BatchSizing(token_budget=10**9, max_batch_size=1)
+    m = manifest([(128, 5, 8, 100), (256, 3, 8, 250), (512, 2, 8, 400)])
+    buckets, _ = plan_buckets([m], data, sizing)
+    assert [(b.passage_len, [s.split for s in b.segments]) for b in buckets] == [
+        (128, ["d0_len128"]),
+        (200, ["d0_len256", "d0_len512"]),
+    ]
+    which, index = buckets[1].locate(np.arange(5))
+    assert which.tolist() == [0, 0, 0, 1, 1] and index.tolist() == [0, 1, 2, 0, 1]
 
 
 def test_small_buckets_merge_upwards_and_the_last_is_dropped():
-    passage_lens = np.array([100] * 5 + [200] * 2 + [400] * 3)
-    query_lens = np.full(10, 8)
     sizing = BatchSizing(token_budget=10**9, max_batch_size=4)
-    kwargs = {"lengths": (128, 256, 512), "group_size": 2, "sizing": sizing}
-    example_buckets, buckets = assign_buckets(query_lens, passage_lens, **kwargs)
+    m = manifest([(128, 5, 8, 100), (256, 2, 8, 200), (512, 3, 8, 400)])
+    buckets, unused = plan_buckets([m], DATA, sizing)
     # The 256 bucket (2 examples) cannot fill a batch of 4: its examples join the 512 bucket.
-    assert [b.passage_len for b in buckets] == [128, 512]
-    np.testing.assert_array_equal(example_buckets, [0] * 5 + [1] * 5)
+    assert [(b.passage_len, b.examples) for b in buckets] == [(128, 5), (512, 5)]
+    assert unused == 0
     # The largest bucket has nowhere to pass a remainder to: too few examples are unused.
-    example_buckets, buckets = assign_buckets(query_lens[:8], passage_lens[:8], **kwargs)
-    assert [b.passage_len for b in buckets] == [128]
-    np.testing.assert_array_equal(example_buckets, [0] * 5 + [-1] * 3)
-    with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        assign_buckets(query_lens, passage_lens + 200, **kwargs)
+    buckets, unused = plan_buckets([manifest([(128, 5, 8, 100), (256, 3, 8, 200)])], DATA, sizing)
+    assert [b.passage_len for b in buckets] == [128] and unused == 3
 
 
-def make_plan_inputs():
-    rng = np.random.default_rng(0)
-    passage_lens = rng.integers(10, 512, size=500)
-    query_lens = rng.integers(4, 32, size=500)
+def plan_inputs():
     sizing = BatchSizing(token_budget=20000, batch_multiple=4)
-    return assign_buckets(
-        query_lens, passage_lens, lengths=(128, 256, 512), group_size=4, sizing=sizing
+    data = DataConfig(group_size=4, query_max_len=32, passage_max_len=512)
+    m = manifest(
+        [(128, 200, 30, 120), (256, 150, 30, 250), (512, 100, 30, 500)], [(128, 77, 10, 60)]
     )
+    return plan_buckets([m], data, sizing)[0]
+
+
+def epoch(buckets, seed, epoch_index):
+    """[(bucket, [example positions])] of every batch of an epoch."""
+    total = sum(b.batches for b in buckets)
+    out = []
+    for step in range(total):
+        index, batch = batch_of_step(buckets, seed, epoch_index, step)
+        rows = range(buckets[index].batch_size)
+        out.append((index, batch_positions(buckets[index], index, seed, epoch_index, batch, rows)))
+    return out
 
 
 def test_epoch_plan_properties():
-    example_buckets, buckets = make_plan_inputs()
-    assert [b.batch_size for b in buckets] == [36, 16, 8]
-    plan = epoch_plan(example_buckets, buckets, seed=3, epoch=0)
-    assert len(plan) == batches_per_epoch(example_buckets, buckets)
-    seen = np.concatenate([b.example_indices for b in plan])
-    assert len(seen) == len(set(seen.tolist()))  # each example at most once
-    for batch in plan:
-        assert len(batch.example_indices) == buckets[batch.bucket_index].batch_size
-        assert (example_buckets[batch.example_indices] == batch.bucket_index).all()
-    # Only the incomplete last chunk of each bucket is left out.
-    counts = np.bincount(example_buckets, minlength=len(buckets))
+    buckets = plan_inputs()
+    assert [b.batch_size for b in buckets] == [36, 16, 8, 36]
+    batches = epoch(buckets, seed=3, epoch_index=0)
+    assert len(batches) == sum(b.examples // b.batch_size for b in buckets)
     for index, bucket in enumerate(buckets):
-        used = sum(len(b.example_indices) for b in plan if b.bucket_index == index)
-        assert counts[index] - used < bucket.batch_size
+        used = np.concatenate([p for i, p in batches if i == index])
+        assert len(used) == len(set(used.tolist()))  # each example at most once
+        assert used.min() >= 0 and used.max() < bucket.examples
+        # Only the incomplete last batch of each bucket is left out.
+        assert bucket.examples - len(used) < bucket.batch_size
     # Buckets interleave rather than running one after another.
-    order = [b.bucket_index for b in plan]
+    order = [i for i, _ in batches]
     assert order != sorted(order)
+    with pytest.raises(ValueError, match="outside the epoch"):
+        batch_of_step(buckets, 3, 0, len(batches))
 
 
 def test_epoch_plan_reproducible_and_epochs_differ():
-    example_buckets, buckets = make_plan_inputs()
+    buckets = plan_inputs()
 
-    def flat(plan):
-        return [(b.bucket_index, b.example_indices.tolist()) for b in plan]
+    def flat(batches):
+        return [(i, p.tolist()) for i, p in batches]
 
-    a = flat(epoch_plan(example_buckets, buckets, seed=3, epoch=1))
-    assert a == flat(epoch_plan(example_buckets, buckets, seed=3, epoch=1))
-    assert a != flat(epoch_plan(example_buckets, buckets, seed=3, epoch=2))
-    assert a != flat(epoch_plan(example_buckets, buckets, seed=4, epoch=1))
-
-
-def test_measure_lengths(tokenizer_dir):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    long_text = " ".join(["abc def"] * 200)
-    records = [
-        Record("abc", ("abc",), ("abc def ghi", "a"), None, None, None, None, "m:1"),
-        Record("abc", (long_text,), (), None, None, "xyz ", None, "m:2"),
-    ]
-
-    def count(text: str, limit: int) -> int:
-        return min(len(tokenizer(text)["input_ids"]), limit)
-
-    data = DataConfig(query_max_len=32, passage_max_len=64, passage_instruction="P: ")
-    query_lens, passage_lens = measure_lengths(records, tokenizer, data)
-    assert query_lens.dtype == np.int32 and passage_lens.dtype == np.int32
-    # The prompt counts for record 2's query; the passage instruction for every passage.
-    assert query_lens.tolist() == [count("abc", 32), count("xyz abc", 32)]
-    assert passage_lens.tolist() == [count("P: abc def ghi", 64), 64]
+    a = flat(epoch(buckets, 3, 1))
+    assert a == flat(epoch(buckets, 3, 1))
+    assert a != flat(epoch(buckets, 3, 2))
+    assert a != flat(epoch(buckets, 4, 1))

@@ -45,6 +45,7 @@ def command(
         f"--config={ROOT / 'configs/demo_cpu.py'}",
         f"--config.workdir={workdir}",
         f"--config.data.train_files={train_file}",
+        f"--config.data.cache_dir={workdir.parent / 'data_cache'}",  # prepared by each host
         "--config.data.passage_max_len=128",  # one bucket: one compile per process
         f"--config.train.num_steps={steps}",
         # Batch sizes and local loss groups fixed, not tied to the device count, so that the

@@ -1,9 +1,12 @@
-"""The training loader (m3_jax/data/pipeline.py): batches, host slices, positions, global arrays."""
+"""The training loader (m3_jax/data/pipeline.py) over a prepared set: batch contents, truncation,
+host slices, positions, global arrays."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,14 +15,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3_jax.config import DataConfig
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
-from m3_jax.data.records import Record
+from m3_jax.data.prepare import prepare
+from m3_jax.data.prepared import PreparedSet
+from m3_jax.data.sources import prepare_settings
 from m3_jax.input_files import InputError
 from m3_jax.tokenization import load_tokenizer, tokenize
 
 GROUP = 4
 
 
-def make_records(count: int = 120, seed: int = 0) -> list[Record]:
+def make_rows(count: int = 120, seed: int = 0) -> list[dict]:
     """Records with unique texts; one in five has a long positive, so two buckets are used."""
     rng = np.random.default_rng(seed)
     letters = list("abcdefghijklmnopqrstuvwxyz")
@@ -27,27 +32,20 @@ def make_records(count: int = 120, seed: int = 0) -> list[Record]:
     def words(n: int) -> str:
         return " ".join("".join(rng.choice(letters, size=4)) for _ in range(n))
 
-    records = []
+    rows = []
     for i in range(count):
         num_neg = int(rng.integers(1, 6))
-        records.append(
-            Record(
-                query=f"query {i} {words(int(rng.integers(1, 5)))}",
-                pos=(f"pos {i} {words(40 if i % 5 == 0 else int(rng.integers(2, 12)))}",),
-                neg=tuple(f"neg {i} {j} {words(int(rng.integers(2, 12)))}" for j in range(num_neg)),
-                pos_scores=(float(i),),
-                neg_scores=tuple(float(-j) for j in range(num_neg)),
-                prompt="Find: " if i % 3 == 0 else None,
-                type=None,
-                source=f"mem:{i + 1}",
-            )
-        )
-    return records
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+        row = {
+            "query": f"{i} query {words(int(rng.integers(1, 5)))}",
+            "pos": [f"pos {i} {words(40 if i % 5 == 0 else int(rng.integers(2, 12)))}"],
+            "neg": [f"neg {i} {j} {words(int(rng.integers(2, 12)))}" for j in range(num_neg)],
+            "pos_scores": [float(i)],
+            "neg_scores": [float(-j) for j in range(num_neg)],
+        }
+        if i % 3 == 0:
+            row["prompt"] = "Find: "
+        rows.append(row)
+    return rows
 
 
 DATA = DataConfig(
@@ -61,29 +59,57 @@ DATA = DataConfig(
 )
 
 
-def make_loader(records, tokenizer, data=DATA, **kwargs) -> TrainLoader:
-    return TrainLoader(records, tokenizer, data, seed=5, batch_multiple=8, **kwargs)
+def prepared(tmp: Path, rows: list[dict], tokenizer_dir, data: DataConfig = DATA) -> PreparedSet:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "prepared"
+    prepare([path], out, prepare_settings(data, tokenizer_dir), progress=False)
+    return PreparedSet(out)
 
 
 @pytest.fixture(scope="module")
-def loader(tokenizer):
-    return make_loader(make_records(), tokenizer)
+def source(tmp_path_factory, tokenizer_dir) -> PreparedSet:
+    return prepared(tmp_path_factory.mktemp("prepared"), make_rows(), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def make_loader(source, tokenizer, data=DATA, **kwargs) -> TrainLoader:
+    pad = tokenizer.pad_token_id
+    return TrainLoader([source], data, seed=5, batch_multiple=8, pad_id=pad, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def loader(source, tokenizer):
+    return make_loader(source, tokenizer)
 
 
 def test_buckets_and_shapes(loader):
     shapes = loader.bucket_shapes()
     assert len(shapes) >= 2 and all(b % 8 == 0 for b, _, _ in shapes)
     assert {lp for _, _, lp in shapes} <= {64, 128, 256}
-    assert loader.steps_per_epoch == len(loader.plan(0)) > 0
+    assert loader.steps_per_epoch == sum(b.batches for b in loader.buckets) > 0
+    assert loader.num_records == 120
 
 
 def test_host_batch_contents(loader, tokenizer):
+    """Every row is its record: the query with its instruction or prompt, the positive first,
+    the teacher scores aligned; right padding with the pad id."""
     pad = tokenizer.pad_token_id
+    by_query = {}
+    for row in make_rows():
+        query = tokenize(tokenizer, [row.get("prompt", "Q: ") + row["query"]], 16)[0]
+        by_query[tuple(query)] = row
+    seen = set()
     for step in range(loader.steps_per_epoch):
-        position = LoaderPosition(1, step)
-        batch = loader.host_batch(position)
-        planned = loader.plan(1)[step]
-        b, lq, lp = loader.bucket_shapes()[planned.bucket_index]
+        batch = loader.host_batch(LoaderPosition(1, step))
+        b, lq = batch["query_ids"].shape
+        lp = batch["passage_ids"].shape[1]
+        assert (b, lq, lp) in loader.bucket_shapes()
         assert set(batch) == {
             "query_ids",
             "query_mask",
@@ -91,7 +117,7 @@ def test_host_batch_contents(loader, tokenizer):
             "passage_mask",
             "teacher_scores",
         }
-        assert batch["query_ids"].shape == batch["query_mask"].shape == (b, lq)
+        assert batch["query_mask"].shape == (b, lq)
         assert batch["passage_ids"].shape == batch["passage_mask"].shape == (b * GROUP, lp)
         assert batch["teacher_scores"].shape == (b, GROUP)
         assert batch["teacher_scores"].dtype == np.float32
@@ -102,24 +128,40 @@ def test_host_batch_contents(loader, tokenizer):
             (batch["passage_ids"], batch["passage_mask"]),
         ]:
             lengths = mask.sum(axis=1)
-            # Right padding: ones then zeros, pad ids exactly where the mask is zero.
             np.testing.assert_array_equal(mask, np.arange(mask.shape[1]) < lengths[:, None])
             assert (ids[mask == 0] == pad).all() and (ids[mask == 1] != pad).all()
-        # Row r: its record's query (with instruction or prompt) and its positive at r * G.
-        for row, index in enumerate(planned.example_indices):
-            record = loader.records[index]
-            prefix = record.prompt or "Q: "
-            query = tokenize(tokenizer, [prefix + record.query], 16)[0]
-            positive = tokenize(tokenizer, [record.pos[0]], 256)[0]
-            assert batch["query_ids"][row, : len(query)].tolist() == query
-            assert batch["passage_ids"][row * GROUP, : len(positive)].tolist() == positive
-            assert batch["teacher_scores"][row, 0] == record.pos_scores[0]
+        for r in range(b):
+            query = tuple(batch["query_ids"][r, : batch["query_mask"][r].sum()].tolist())
+            row = by_query[query]
+            seen.add(query)
+            positive = tokenize(tokenizer, [row["pos"][0]], 256)[0]
+            assert batch["passage_ids"][r * GROUP, : len(positive)].tolist() == positive
+            negatives = {tuple(tokenize(tokenizer, [n], 256)[0]) for n in row["neg"]}
+            for g in range(1, GROUP):
+                ids = batch["passage_ids"][r * GROUP + g]
+                assert tuple(ids[: batch["passage_mask"][r * GROUP + g].sum()]) in negatives
+            assert batch["teacher_scores"][r, 0] == row["pos_scores"][0]
+            assert (batch["teacher_scores"][r, 1:] <= 0).all()
+    assert len(seen) == sum(b.batches * b.batch_size for b in loader.buckets)
 
 
-def test_process_slices_union_is_the_global_batch(tokenizer):
-    records = make_records()
-    one = make_loader(records, tokenizer)
-    two = [make_loader(records, tokenizer, process_index=p, process_count=2) for p in range(2)]
+def test_truncation_to_the_runs_max_lengths(source, tokenizer):
+    """A set prepared at 256 tokens trains at 40: the ids the tokenizer gives at 40."""
+    data = dataclasses.replace(DATA, passage_max_len=40, query_max_len=8)
+    short = make_loader(source, tokenizer, data)
+    assert {lp for _, _, lp in short.bucket_shapes()} == {40}
+    rows = {r["pos"][0]: r for r in make_rows()}
+    want = {tuple(tokenize(tokenizer, [p], 40)[0]): p for p in rows}
+    batch = short.host_batch(LoaderPosition(0, 0))
+    for r in range(batch["query_ids"].shape[0]):
+        ids = batch["passage_ids"][r * GROUP]
+        assert tuple(ids[: batch["passage_mask"][r * GROUP].sum()].tolist()) in want
+        assert batch["query_mask"][r].sum() <= 8
+
+
+def test_process_slices_union_is_the_global_batch(source, tokenizer):
+    one = make_loader(source, tokenizer)
+    two = [make_loader(source, tokenizer, process_index=p, process_count=2) for p in range(2)]
     assert one.bucket_shapes() == two[0].bucket_shapes()
     for step in range(min(4, one.steps_per_epoch)):
         position = LoaderPosition(0, step)
@@ -184,15 +226,16 @@ def test_to_global_batch_on_eight_devices(loader):
     )
 
 
-def test_loader_errors_name_the_record(tokenizer):
-    records = make_records(40)
-    no_neg = records[:7] + [Record("q", ("p",), (), None, None, None, None, "f.jsonl:8")]
-    with pytest.raises(InputError, match="f.jsonl:8: field 'neg'"):
-        make_loader(no_neg, tokenizer, dataclasses.replace(DATA, knowledge_distillation=False))
-    unscored = records[:7] + [Record("q", ("p",), ("n",), None, None, None, None, "f.jsonl:9")]
-    with pytest.raises(InputError, match="f.jsonl:9: field 'pos_scores'"):
-        make_loader(unscored, tokenizer)
-    with pytest.raises(InputError, match="cannot|no length bucket"):
-        make_loader(records[:5], tokenizer)
+def test_loader_errors_name_the_record(tmp_path, tokenizer_dir, tokenizer, source):
+    rows = make_rows(40)
+    no_neg = rows[:7] + [{"query": "q", "pos": ["p"]}]
+    plain = dataclasses.replace(DATA, knowledge_distillation=False)
+    with pytest.raises(InputError, match=r"train.jsonl:8: field 'neg'"):
+        make_loader(prepared(tmp_path / "a", no_neg, tokenizer_dir, plain), tokenizer, plain)
+    unscored = rows[:8] + [{"query": "q", "pos": ["p"], "neg": ["n"]}]
+    with pytest.raises(InputError, match=r"train.jsonl:9: field 'pos_scores'"):
+        make_loader(prepared(tmp_path / "b", unscored, tokenizer_dir), tokenizer)
+    with pytest.raises(InputError, match="no length bucket"):
+        make_loader(prepared(tmp_path / "c", rows[:5], tokenizer_dir), tokenizer)
     with pytest.raises(ValueError, match="not a multiple of process_count 3"):
-        make_loader(records, tokenizer, process_index=0, process_count=3)
+        make_loader(source, tokenizer, process_index=0, process_count=3)

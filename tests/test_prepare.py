@@ -98,7 +98,7 @@ def test_read_back_with_plain_tfds_equals_the_tokenizer(tmp_path, demo_rows):
     manifest = read_manifest(out)
     assert manifest.passages == len(texts)  # each distinct passage once
     (dataset,) = manifest.datasets
-    assert dataset.records == len(rows) and dataset.has_scores
+    assert dataset.records == len(rows) and dataset.first_without_scores is None
     assert {b.split: b.examples for b in dataset.buckets} == {k: len(v) for k, v in want.items()}
     for b in dataset.buckets:
         assert b.max_query_len == max(len(r["query"]) for r in want[b.split])
@@ -175,6 +175,10 @@ def test_a_bad_line_anywhere_fails_before_anything_is_published(tmp_path, demo_r
     with pytest.raises(InputError, match=r"train\.jsonl:71: field 'pos_scores'"):
         prepare([data], tmp_path / "out", settings(), piece_bytes=10_000, progress=False)
     assert not (tmp_path / "out").exists()
+    blank = write_jsonl(tmp_path / "blank.jsonl", [])
+    blank.write_text("\n  \n")
+    with pytest.raises(InputError, match=r"blank\.jsonl: no records"):
+        prepare([blank], tmp_path / "out", settings(), progress=False)
     data.write_bytes(b'{"query": "q", "pos": ["\xff"]}\n')
     with pytest.raises(InputError, match=r"train\.jsonl:1: not UTF-8"):
         prepare([data], tmp_path / "out", settings(), overwrite=True, progress=False)

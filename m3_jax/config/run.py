@@ -63,7 +63,10 @@ class ModelSource:
 class DataConfig:
     """Training data, the group of passages per query, and the static batch shapes."""
 
-    train_files: str | tuple[str, ...] = knob("", "jsonl file, directory of them, or a list")
+    train_files: str | tuple[str, ...] = knob(
+        "", "prepared dir, jsonl file or directory of them, or a list"
+    )
+    cache_dir: str = knob("~/.cache/m3_jax/data", "where jsonl train_files are prepared")
     group_size: int = knob(8, "1 positive + G-1 negatives per query (train_group_size)")
     query_max_len: int = knob(512, "queries are truncated to this many tokens")
     passage_max_len: int = knob(8192, "passages are truncated to this many tokens")

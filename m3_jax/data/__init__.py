@@ -1,22 +1,28 @@
-"""Training data: jsonl records, group sampling, the batch plan and the grain input pipeline."""
+"""Training data: preparing jsonl into TFDS / ArrayRecord sets, the lazy batch plan, group
+sampling and the grain input pipeline."""
 
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
-from m3_jax.data.plan import BatchSizing, PlannedBatch, TrainBucket, assign_buckets, epoch_plan
-from m3_jax.data.records import Record, read_records
-from m3_jax.data.sampler import Group, apply_instructions, sample_group
+from m3_jax.data.plan import BatchSizing, TrainBucket, plan_buckets
+from m3_jax.data.prepare import PrepareSettings
+from m3_jax.data.prepared import Manifest, PreparedSet, read_manifest
+from m3_jax.data.records import Record, iter_records
+from m3_jax.data.sampler import apply_instructions, sample_group
+from m3_jax.data.sources import open_sources
 
 __all__ = [
     "BatchSizing",
-    "Group",
     "LoaderPosition",
-    "PlannedBatch",
+    "Manifest",
+    "PrepareSettings",
+    "PreparedSet",
     "Record",
     "TrainBucket",
     "TrainLoader",
     "apply_instructions",
-    "assign_buckets",
-    "epoch_plan",
-    "read_records",
+    "iter_records",
+    "open_sources",
+    "plan_buckets",
+    "read_manifest",
     "sample_group",
     "to_global_batch",
 ]

@@ -1,17 +1,17 @@
-"""The training input pipeline: records -> bucketed, tokenized, padded host batches -> global arrays.
+"""The training input pipeline: prepared sets -> bucketed, padded host batches -> global arrays.
 
-A global batch is a pure function of (seed, epoch, step): the epoch's plan comes from
-(seed, epoch), and row r's group is sampled with `default_rng((seed, epoch, step, r))`. Each process
-builds only its own rows, so the data do not depend on the host count, and the loader position is
-two integers (`LoaderPosition`) that a checkpoint stores as JSON. grain runs the batch building
-in background threads, ahead of the training step.
+A global batch is a pure function of (seed, epoch, step): which bucket and which examples come
+from the lazy plan of (seed, epoch) (`m3_jax.data.plan`), and row r's group is sampled with
+`default_rng((seed, epoch, step, r))`. Each process reads only its own rows from the ArrayRecord
+files, so the data do not depend on the host count, and the loader position is two integers
+(`LoaderPosition`) that a checkpoint stores as JSON. grain runs the batch building in background
+threads, ahead of the training step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,22 +19,37 @@ import grain
 import jax
 import numpy as np
 
-from m3_jax.bucketing import lengths_up_to, pad
+from m3_jax.bucketing import pad
 from m3_jax.config import DataConfig
-from m3_jax.data.plan import (
-    BatchSizing,
-    PlannedBatch,
-    assign_buckets,
-    batches_per_epoch,
-    epoch_plan,
-    measure_lengths,
-)
-from m3_jax.data.records import Record
-from m3_jax.data.sampler import apply_instructions, check_record_for_group, sample_group
+from m3_jax.data.plan import BatchSizing, TrainBucket, batch_of_step, batch_positions, plan_buckets
+from m3_jax.data.prepared import Manifest, PreparedSet
+from m3_jax.data.sampler import sample_group
 from m3_jax.input_files import InputError
-from m3_jax.tokenization import tokenize
 
 HostBatch = dict[str, np.ndarray]
+
+
+def truncate(ids: np.ndarray, max_len: int) -> np.ndarray:
+    """Token ids cut to `max_len` keeping the last (</s>), as the tokenizer truncates."""
+    if len(ids) <= max_len:
+        return ids
+    return np.concatenate([ids[: max_len - 1], ids[-1:]])
+
+
+def check_datasets(manifest: Manifest, data: DataConfig) -> None:
+    """InputError naming the first record that cannot fill a group as `data` asks."""
+    needs_scores = data.knowledge_distillation or data.sort_negatives_by_teacher
+    for dataset in manifest.datasets:
+        if data.group_size > 1 and dataset.first_without_neg is not None:
+            raise InputError(
+                f"{dataset.first_without_neg}: field 'neg': missing or empty, but "
+                f"group_size={data.group_size} needs {data.group_size - 1} negatives per query"
+            )
+        if needs_scores and dataset.first_without_scores is not None:
+            raise InputError(
+                f"{dataset.first_without_scores}: field 'pos_scores'/'neg_scores': missing, but "
+                "teacher scores are requested"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,24 +84,25 @@ PREFETCH = 4
 
 
 class TrainLoader:
-    """Host batches for process `process_index` of `process_count`, for any (epoch, step).
+    """Host batches for process `process_index` of `process_count`, for any (epoch, step), read
+    from prepared sets (`m3_jax.data.prepared`).
 
     data: what shapes the batches; seed: the plan's and the groups' seed; batch_multiple: global
     batch sizes are multiples of it (`data.batch_multiple` resolved; normally the number of
-    data-parallel shards, and always a multiple of the process count).
+    data-parallel shards, and always a multiple of the process count); pad_id: the tokenizer's.
+    Nothing is read at construction: the plan comes from the manifests' counts.
     """
 
     def __init__(
         self,
-        records: Sequence[Record],
-        tokenizer: Any,
+        sources: Sequence[PreparedSet],
         data: DataConfig,
         *,
         seed: int,
         batch_multiple: int,
+        pad_id: int,
         process_index: int = 0,
         process_count: int = 1,
-        progress: bool | None = None,
     ) -> None:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -97,58 +113,29 @@ class TrainLoader:
                 f"batch_multiple {batch_multiple} is not a multiple of "
                 f"process_count {process_count}, so a global batch cannot split evenly"
             )
-        needs_scores = data.knowledge_distillation or data.sort_negatives_by_teacher
-        for record in records:
-            check_record_for_group(record, data.group_size, needs_scores=needs_scores)
-        self.records = list(records)
+        for source in sources:
+            check_datasets(source.manifest, data)
+        self.sources = list(sources)
         self.data = data
         self.seed = seed
         self.sizing = BatchSizing.from_data(data, batch_multiple)
         self.process_index = process_index
         self.process_count = process_count
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.tokenizer = tokenizer
-        # A transformers fast tokenizer sets truncation state on its shared Rust object before
-        # each call, so concurrent calls with different max lengths would race.
-        self._tokenizer_lock = threading.Lock()
-        self._plans: dict[int, list[PlannedBatch]] = {}
-        self._plan_lock = threading.Lock()
-        self.query_lens, self.passage_lens = measure_lengths(
-            self.records, tokenizer, data, progress=progress
+        self.pad_id = pad_id
+        self.num_records = sum(d.records for s in sources for d in s.manifest.datasets)
+        self.buckets, self.num_unused_examples = plan_buckets(
+            [s.manifest for s in sources], data, self.sizing
         )
-        self.example_buckets, self.buckets = assign_buckets(
-            self.query_lens,
-            self.passage_lens,
-            lengths=lengths_up_to(data.passage_buckets, data.passage_max_len),
-            group_size=data.group_size,
-            sizing=self.sizing,
-        )
-        self.steps_per_epoch = batches_per_epoch(self.example_buckets, self.buckets)
+        self.steps_per_epoch = sum(b.batches for b in self.buckets)
         if self.steps_per_epoch == 0:
             raise InputError(
-                f"{len(self.records)} records: no length bucket holds enough of them for one "
+                f"{self.num_records} records: no length bucket holds enough of them for one "
                 f"global batch with {self.sizing}; lower the batch size or add data"
             )
 
-    @property
-    def num_unused_examples(self) -> int:
-        """Examples in no bucket, because their bucket could not fill one global batch."""
-        return int((self.example_buckets < 0).sum())
-
     def bucket_shapes(self) -> list[tuple[int, int, int]]:
         """Every global (batch_size, query_len, passage_len) the plan produces, for compiling."""
-        return [(b.batch_size, b.query_len, b.passage_len) for b in self.buckets]
-
-    def plan(self, epoch: int) -> list[PlannedBatch]:
-        """Epoch `epoch`'s global batches (cached: grain threads ask for the same epoch)."""
-        with self._plan_lock:
-            if epoch not in self._plans:
-                if len(self._plans) >= 2:
-                    self._plans.pop(min(self._plans))
-                self._plans[epoch] = epoch_plan(
-                    self.example_buckets, self.buckets, seed=self.seed, epoch=epoch
-                )
-            return self._plans[epoch]
+        return sorted({(b.batch_size, b.query_len, b.passage_len) for b in self.buckets})
 
     def normalize(self, position: LoaderPosition) -> LoaderPosition:
         """The same position with a finished epoch written as the start of the next one."""
@@ -166,40 +153,56 @@ class TrainLoader:
 
         query_ids, query_mask: [b, Lq] int32; passage_ids, passage_mask: [b*G, Lp] int32, where
         row r's passages are rows r*G .. r*G+G-1 and the first is its positive; with teacher
-        scores, teacher_scores: [b, G] float32. Padding is on the right with the tokenizer's pad id.
+        scores, teacher_scores: [b, G] float32. Padding is on the right with the pad id.
         """
         position = self.normalize(position)
-        planned = self.plan(position.epoch)[position.step]
-        bucket = self.buckets[planned.bucket_index]
+        index, batch = batch_of_step(self.buckets, self.seed, position.epoch, position.step)
+        bucket = self.buckets[index]
         d = self.data
-        rows = bucket.batch_size // self.process_count
-        first = self.process_index * rows
-        queries, passages, scores = [], [], []
-        for row in range(first, first + rows):
-            record = self.records[planned.example_indices[row]]
+        count = bucket.batch_size // self.process_count
+        rows = range(self.process_index * count, (self.process_index + 1) * count)
+        positions = batch_positions(bucket, index, self.seed, position.epoch, batch, rows)
+        examples = self._read_examples(bucket, positions)
+        source = self.sources[bucket.segments[0].source]
+        passage_ids, scores = [], []
+        for row, example in zip(rows, examples, strict=True):
             rng = np.random.default_rng((self.seed, position.epoch, position.step, row))
-            group = sample_group(
-                record, d.group_size, rng, sort_negatives_by_teacher=d.sort_negatives_by_teacher
+            pos, neg = sample_group(
+                len(example["pos"]),
+                len(example["neg"]),
+                d.group_size,
+                rng,
+                neg_scores=example["neg_scores"],
+                sort_negatives_by_teacher=d.sort_negatives_by_teacher,
             )
-            query, texts = apply_instructions(record.query, group.passages, record.prompt, d)
-            queries.append(query)
-            passages.extend(texts)
+            passage_ids += [example["pos"][pos], *example["neg"][neg]]
             if d.knowledge_distillation:
-                scores.append(group.teacher_scores)
-        with self._tokenizer_lock:
-            query_tokens = tokenize(self.tokenizer, queries, d.query_max_len)
-            passage_tokens = tokenize(self.tokenizer, passages, d.passage_max_len)
-        # measure_lengths tokenized the same texts, so every sequence fits its bucket.
-        batch = {}
-        batch["query_ids"], batch["query_mask"] = pad(
-            query_tokens, len(query_tokens), bucket.query_len, self.pad_id
+                scores.append(
+                    np.concatenate([example["pos_scores"][[pos]], example["neg_scores"][neg]])
+                )
+        queries = [truncate(e["query_ids"], d.query_max_len) for e in examples]
+        passages = [truncate(ids, d.passage_max_len) for ids in source.passages(passage_ids)]
+        batch_arrays = {}
+        batch_arrays["query_ids"], batch_arrays["query_mask"] = pad(
+            queries, len(queries), bucket.query_len, self.pad_id
         )
-        batch["passage_ids"], batch["passage_mask"] = pad(
-            passage_tokens, len(passage_tokens), bucket.passage_len, self.pad_id
+        batch_arrays["passage_ids"], batch_arrays["passage_mask"] = pad(
+            passages, len(passages), bucket.passage_len, self.pad_id
         )
         if d.knowledge_distillation:
-            batch["teacher_scores"] = np.stack(scores).astype(np.float32)
-        return batch
+            batch_arrays["teacher_scores"] = np.stack(scores).astype(np.float32)
+        return batch_arrays
+
+    def _read_examples(self, bucket: TrainBucket, positions: np.ndarray) -> list[dict]:
+        which, indices = bucket.locate(positions)
+        examples: list[dict] = [{}] * len(positions)
+        for k in np.unique(which):
+            segment = bucket.segments[k]
+            rows = np.flatnonzero(which == k)
+            read = self.sources[segment.source].examples(segment.split, indices[rows])
+            for row, example in zip(rows, read, strict=True):
+                examples[row] = example
+        return examples
 
     def _item(self, epoch: int, step: int) -> tuple[LoaderPosition, HostBatch]:
         batch = self.host_batch(LoaderPosition(epoch, step))

@@ -1,27 +1,30 @@
-"""The training batch plan: which bucket each example is in, each bucket's static batch shape,
-and the global batches of an epoch.
+"""The training batch plan, from the prepared sets' counts alone: the buckets of static batch
+shapes and the global batches of every epoch, computed lazily.
 
 Every training batch has one of a few shapes (global batch B, query length Lq, passage length
-Lp). As in FlagEmbedding's `split_data_by_length.py`, an example's length is the longest of ALL
-its passages, so any sampled group fits its bucket (`m3_jax.bucketing` has the lengths and the
-lookup). Each bucket has its own global batch size, from a token budget or from FlagEmbedding's
-per-device table, and every batch of an epoch comes from a single bucket (`epoch_plan`).
+Lp) and comes from one dataset and one length bucket (FlagEmbedding's same-dataset batching). As
+in FlagEmbedding's `split_data_by_length.py`, an example's length is the longest of ALL its
+passages, so any sampled group fits its bucket. Each bucket's global batch size comes from a
+token budget or from FlagEmbedding's per-device table.
+
+An epoch is a permutation of all full batches of all buckets, and within each bucket a
+permutation of its examples cut into consecutive batches (the incomplete last one dropped), as
+FlagEmbedding's `refresh_epoch` does; both permutations are grain's `index_shuffle`, evaluated
+per batch and per row, so planning 10^9 examples takes no memory and no time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from grain.experimental import index_shuffle
 
-from m3_jax.bucketing import bucket_index
+from m3_jax.bucketing import bucket_index, lengths_up_to
 from m3_jax.config import DataConfig
-from m3_jax.data.records import Record
-from m3_jax.data.sampler import apply_instructions
-from m3_jax.tokenization import tokenize
+from m3_jax.data.prepared import Manifest
 
 QUERY_LEN_MULTIPLE = 8
 
@@ -33,24 +36,6 @@ FLAG_EMBEDDING_BATCH_SIZES = {
     8: (48, 32, 20, 18, 14, 14, 12, 10, 8),
     1: (700, 570, 388, 288, 224, 180, 157, 128, 104),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainBucket:
-    """A static batch shape: `batch_size` queries (global) of `query_len` tokens, each with a
-    group of passages of `passage_len` tokens."""
-
-    query_len: int
-    passage_len: int
-    batch_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PlannedBatch:
-    """One global batch: indices into the records, all from bucket `bucket_index`."""
-
-    bucket_index: int
-    example_indices: np.ndarray
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -126,115 +111,116 @@ class BatchSizing:
         return size
 
 
-def assign_buckets(
-    query_lens: np.ndarray,
-    passage_lens: np.ndarray,
-    *,
-    lengths: Sequence[int],
-    group_size: int,
-    sizing: BatchSizing,
-) -> tuple[np.ndarray, tuple[TrainBucket, ...]]:
-    """Each example's bucket and the buckets' static shapes.
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """`count` examples of split `split` of prepared set `source`."""
 
-    query_lens, passage_lens: [N] token lengths (already truncated); `passage_lens` is the longest
-    passage of each example. An example goes to the smallest `lengths` entry that holds it. The
-    query length of a bucket is its longest query rounded up to a multiple of 8. A bucket too
-    small for one global batch passes its examples to the next larger bucket instead of losing
-    them. Returns ([N] int32 bucket index or -1 when an example is
-    in no bucket that can fill a batch, the buckets that can).
-    """
-    query_lens, passage_lens = np.asarray(query_lens), np.asarray(passage_lens)
-    if query_lens.shape != passage_lens.shape or query_lens.ndim != 1:
-        raise ValueError(
-            f"query_lens {query_lens.shape} and passage_lens {passage_lens.shape} must be [N]"
-        )
-    natural = bucket_index(passage_lens, lengths)
-    example_buckets = np.full(len(passage_lens), -1, dtype=np.int32)
+    source: int
+    split: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBucket:
+    """The examples of one dataset that share a static batch shape: `batch_size` queries
+    (global) of `query_len` tokens, each with a group of passages of `passage_len` tokens.
+    Its examples are the concatenation of `segments` (prepared buckets, in order)."""
+
+    dataset: str
+    query_len: int
+    passage_len: int
+    batch_size: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def examples(self) -> int:
+        return sum(s.count for s in self.segments)
+
+    @property
+    def batches(self) -> int:
+        return self.examples // self.batch_size
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment index, index in that segment's split) of each example position."""
+        ends = np.cumsum([s.count for s in self.segments])
+        which = np.searchsorted(ends, positions, side="right")
+        starts = np.concatenate([[0], ends[:-1]])
+        return which, positions - starts[which]
+
+
+def plan_buckets(
+    manifests: Sequence[Manifest], data: DataConfig, sizing: BatchSizing
+) -> tuple[tuple[TrainBucket, ...], int]:
+    """(the buckets that fill at least one global batch, the examples left out).
+
+    A prepared bucket goes to the training bucket that holds its longest passage after the
+    run's truncation (`data.passage_max_len`, `data.passage_buckets`); the query length of a
+    bucket is its longest query, truncated, rounded up to a multiple of 8. A bucket too small
+    for one global batch passes its examples to the dataset's next larger bucket instead of
+    losing them."""
+    lengths = lengths_up_to(data.passage_buckets, data.passage_max_len)
     buckets: list[TrainBucket] = []
-    carried = np.zeros(0, dtype=np.int64)
-    for j, passage_len in enumerate(lengths):
-        members = np.concatenate([carried, np.flatnonzero(natural == j)])
-        carried = np.zeros(0, dtype=np.int64)
-        if members.size == 0:
-            continue
-        query_len = round_up(int(query_lens[members].max()), QUERY_LEN_MULTIPLE)
-        batch_size = sizing.batch_size(query_len, int(passage_len), group_size)
-        if members.size < batch_size:
-            if j + 1 < len(lengths):
-                carried = members
-            continue
-        example_buckets[members] = len(buckets)
-        buckets.append(TrainBucket(query_len, int(passage_len), batch_size))
-    return example_buckets, tuple(buckets)
+    unused = 0
+    for source, manifest in enumerate(manifests):
+        for dataset in manifest.datasets:
+            segments: dict[int, list[Segment]] = {}
+            query_lens: dict[int, int] = {}
+            for b in dataset.buckets:
+                longest = min(b.max_passage_len, data.passage_max_len)
+                j = int(bucket_index([longest], lengths)[0])
+                segments.setdefault(j, []).append(Segment(source, b.split, b.examples))
+                query = min(b.max_query_len, data.query_max_len)
+                query_lens[j] = max(query_lens.get(j, 0), query)
+            carried: list[Segment] = []
+            carried_query = 0
+            for j, passage_len in enumerate(lengths):
+                members = carried + segments.get(j, [])
+                query = max(carried_query, query_lens.get(j, 0))
+                if not members:
+                    continue
+                query_len = round_up(query, QUERY_LEN_MULTIPLE)
+                batch_size = sizing.batch_size(query_len, int(passage_len), data.group_size)
+                if sum(s.count for s in members) < batch_size:
+                    carried, carried_query = members, query
+                    continue
+                carried, carried_query = [], 0
+                name = f"{Path(dataset.source).name} (set {source})"
+                buckets.append(
+                    TrainBucket(name, query_len, int(passage_len), batch_size, tuple(members))
+                )
+            unused += sum(s.count for s in carried)
+    return tuple(buckets), unused
 
 
-def batches_per_epoch(example_buckets: np.ndarray, buckets: Sequence[TrainBucket]) -> int:
-    counts = np.bincount(example_buckets[example_buckets >= 0], minlength=len(buckets))
-    return int(sum(int(c) // b.batch_size for c, b in zip(counts, buckets, strict=True)))
+def _seed(*parts: int) -> int:
+    """A 32-bit seed for index_shuffle from (seed, epoch, ...)."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
-def epoch_plan(
-    example_buckets: np.ndarray, buckets: Sequence[TrainBucket], *, seed: int, epoch: int
-) -> list[PlannedBatch]:
-    """The epoch's global batches, a pure function of (seed, epoch) (FlagEmbedding refresh_epoch).
-
-    Examples are shuffled within each bucket and cut into consecutive chunks of the bucket's
-    batch size; an incomplete last chunk is dropped (static shapes), and the chunks are shuffled
-    so the buckets interleave. Each example appears at most once per epoch.
-    """
-    rng = np.random.default_rng((seed, epoch))
-    chunks: list[PlannedBatch] = []
-    for index, bucket in enumerate(buckets):
-        members = rng.permutation(np.flatnonzero(example_buckets == index))
-        for start in range(0, members.size - bucket.batch_size + 1, bucket.batch_size):
-            chunks.append(PlannedBatch(index, members[start : start + bucket.batch_size]))
-    return [chunks[i] for i in rng.permutation(len(chunks))]
+def batch_of_step(
+    buckets: Sequence[TrainBucket], seed: int, epoch: int, step: int
+) -> tuple[int, int]:
+    """(bucket index, batch index within the bucket) of global batch `step` of epoch `epoch`."""
+    ends = np.cumsum([b.batches for b in buckets])
+    total = int(ends[-1])
+    if not 0 <= step < total:
+        raise ValueError(f"step {step} is outside the epoch's {total} batches")
+    shuffled = index_shuffle(step, max_index=total - 1, seed=_seed(seed, epoch), rounds=4)
+    bucket = int(np.searchsorted(ends, shuffled, side="right"))
+    return bucket, shuffled - (0 if bucket == 0 else int(ends[bucket - 1]))
 
 
-def measure_lengths(
-    records: Sequence[Record],
-    tokenizer: Any,
-    data: DataConfig,
-    *,
-    chunk_size: int = 4096,
-    progress: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """([N] query lengths, [N] longest-passage lengths) in tokens, int32.
-
-    The texts are measured as the loader will feed them: with instruction prefixes and special
-    tokens, truncated to the max lengths. `progress` shows a tqdm bar (default: for > 10k texts).
-    """
-    queries: list[str] = []
-    passages: list[str] = []
-    owners: list[int] = []
-    for index, record in enumerate(records):
-        query, texts = apply_instructions(
-            record.query, record.pos + record.neg, record.prompt, data
-        )
-        queries.append(query)
-        passages.extend(texts)
-        owners.extend([index] * len(texts))
-    if progress is None:
-        progress = len(queries) + len(passages) > 10_000
-    query_lens = _token_lengths(
-        tokenizer, queries, data.query_max_len, chunk_size, progress, "queries"
-    )
-    each = _token_lengths(
-        tokenizer, passages, data.passage_max_len, chunk_size, progress, "passages"
-    )
-    passage_lens = np.zeros(len(records), dtype=np.int32)
-    np.maximum.at(passage_lens, np.asarray(owners, dtype=np.int64), each)
-    return query_lens, passage_lens
-
-
-def _token_lengths(
-    tokenizer: Any, texts: list[str], max_len: int, chunk_size: int, progress: bool, what: str
+def batch_positions(
+    bucket: TrainBucket, bucket_index_: int, seed: int, epoch: int, batch: int, rows: range
 ) -> np.ndarray:
-    starts = range(0, len(texts), chunk_size)
-    if progress:
-        starts = tqdm(starts, desc=f"measuring {what}", unit="chunk")
-    lengths = np.zeros(len(texts), dtype=np.int32)
-    for start in starts:
-        ids = tokenize(tokenizer, texts[start : start + chunk_size], max_len)
-        lengths[start : start + len(ids)] = [len(x) for x in ids]
-    return lengths
+    """The example positions (within `bucket`) of rows `rows` of its batch `batch`: consecutive
+    slices of a permutation of the bucket's examples, one permutation per epoch."""
+    key = _seed(seed, epoch, bucket_index_)
+    n = bucket.examples
+    return np.asarray(
+        [
+            index_shuffle(batch * bucket.batch_size + r, max_index=n - 1, seed=key, rounds=4)
+            for r in rows
+        ],
+        dtype=np.int64,
+    )

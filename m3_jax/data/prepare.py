@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -56,10 +57,12 @@ from m3_jax.data.prepared import (
     split_name,
     tokenizer_fingerprint,
 )
-from m3_jax.data.records import data_files, parse_record
+from m3_jax.data.records import data_files, iter_records
 from m3_jax.data.sampler import apply_instructions
-from m3_jax.input_files import InputError, line_aligned_pieces, read_jsonl
+from m3_jax.input_files import InputError, line_aligned_pieces
 from m3_jax.tokenization import load_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 WORK_DIR = "work"
@@ -176,19 +179,6 @@ def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> lis
 # Stage 1: tokenize one piece ------------------------------------------------------------------
 
 
-def _dataset_fields(obj: dict, where: str) -> tuple[Any, ...]:
-    values = []
-    for name in DATASET_FIELDS:
-        value = obj.get(name)
-        if name != "type" and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(
-                    f"{where}: field '{name}': expected a positive integer, got {value!r}"
-                )
-        values.append(value)
-    return tuple(values)
-
-
 def text_key(text: str) -> bytes:
     """The 128-bit identity of a passage text (after its instruction)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
@@ -210,9 +200,12 @@ def tokenize_piece(
     keys: dict[bytes, int] = {}
     passages: list[str] = []
     fields: dict[tuple[Any, ...], str] = {}
-    for where, obj in read_jsonl(piece.file, piece.byte_range, piece.first_line):
-        record = parse_record(obj, where)
-        fields.setdefault(_dataset_fields(obj, where), where)
+    lacking: dict[str, str] = {}  # "neg" / "scores" -> the first record without them
+    for record in iter_records(piece.file, piece.byte_range, piece.first_line):
+        where = record.source
+        fields.setdefault((record.type, record.batch_size, record.train_group_size), where)
+        if not record.neg:
+            lacking.setdefault("neg", where)
         query, texts = apply_instructions(
             record.query, record.pos + record.neg, record.prompt, data
         )
@@ -227,6 +220,8 @@ def tokenize_piece(
         neg_counts.append(len(record.neg))
         scored = record.pos_scores is not None and (record.neg_scores is not None or not record.neg)
         has_scores.append(scored)
+        if not scored:
+            lacking.setdefault("scores", where)
         scores.extend(
             (record.pos_scores or ()) + (record.neg_scores or ())
             if scored
@@ -250,6 +245,7 @@ def tokenize_piece(
         "passage_values": passage_values,
         "passage_lengths": passage_lengths,
         "fields": np.asarray(json.dumps([[list(k), w] for k, w in fields.items()])),
+        "lacking": np.asarray(json.dumps(lacking)),
     }
 
 
@@ -366,8 +362,12 @@ def prepare(
     overwrite: bool = False,
     piece_bytes: int = 32 << 20,
     progress: bool = True,
+    staging_tag: str = "",
 ) -> PrepareResult:
-    """Prepares `inputs` into `out` (see the module docstring); returns its manifest."""
+    """Prepares `inputs` into `out` (see the module docstring); returns its manifest.
+
+    staging_tag: distinguishes the staging directories of processes that may prepare the same
+    output at once (the hosts of a training run); the first to finish publishes it."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     out = Path(out)
@@ -384,22 +384,32 @@ def prepare(
         raise FileExistsError(f"{out}: {_differs(wanted, have)}; pass --overwrite to replace it")
     if out.exists() and not overwrite and not (out / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists and is not a prepared set; choose another --out")
-    staging = out.with_name(out.name + ".incomplete")
-    _open_staging(staging, wanted, overwrite)
+    staging = out.with_name(f"{out.name}.incomplete{staging_tag}")
+    _open_staging(staging, wanted)
     work = staging / WORK_DIR
     pieces = split_into_pieces(datasets, piece_bytes)
-    with _pool(num_workers) as run:
-        _tokenize_all(pieces, work, settings, run, progress)
-        manifest_pieces = [np.load(_tokens_file(work, p)) for p in pieces]
-        plan, manifest = _plan(pieces, manifest_pieces, datasets, staging, wanted)
-        _run_all(run, write_piece, plan, "writing", [p.size for p in pieces], progress)
+    try:
+        with _pool(num_workers) as run:
+            _tokenize_all(pieces, work, settings, run, progress)
+            manifest_pieces = [np.load(_tokens_file(work, p)) for p in pieces]
+            plan, manifest = _plan(pieces, manifest_pieces, datasets, staging, wanted)
+            _run_all(run, write_piece, plan, "writing", [p.size for p in pieces], progress)
+    except InputError:
+        # Fixing the input changes it, so nothing staged could be reused.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _write_metadata(staging, manifest)
     shutil.rmtree(work)
     (staging / SETTINGS_FILE).unlink()
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=1), encoding="utf-8")
-    if out.exists():
+    if out.exists() and overwrite:
         shutil.rmtree(out)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if read_manifest(out) != manifest:
+            raise
+        shutil.rmtree(staging)  # another process published the same set first
     return PrepareResult(manifest, out, already_prepared=False)
 
 
@@ -410,19 +420,16 @@ def _differs(wanted: dict, have: dict) -> str:
     return "prepared from other input files (or their content changed)"
 
 
-def _open_staging(staging: Path, wanted: dict, overwrite: bool) -> None:
-    """The staging directory of this prepare: a leftover of the same prepare is continued."""
+def _open_staging(staging: Path, wanted: dict) -> None:
+    """The staging directory of this prepare: a leftover of the same prepare is continued, one
+    of other inputs or settings (for the same output) is discarded."""
     settings_file = staging / SETTINGS_FILE
     if staging.exists():
         have = json.loads(settings_file.read_text()) if settings_file.is_file() else None
         if have == wanted:
+            log.info("%s: continuing an unfinished prepare", staging)
             return
-        if not overwrite:
-            reason = "an unfinished prepare" if have is None else _differs(wanted, have)
-            raise FileExistsError(
-                f"{staging}: left by an unfinished prepare with {reason}; "
-                "rerun that command to finish it, or pass --overwrite"
-            )
+        log.warning("%s: discarding an unfinished prepare of other inputs or settings", staging)
         shutil.rmtree(staging)
     (staging / WORK_DIR).mkdir(parents=True)
     settings_file.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
@@ -507,13 +514,11 @@ def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], 
     all_lengths = np.concatenate([a["passage_lengths"] for a in arrays])
     passage_lengths[ids[owned]] = all_lengths[owned]
     bounds = np.concatenate([[0], np.cumsum([len(a["passage_keys"]) for a in arrays])])
-    example_buckets, query_lengths = [], []
-    for i, a in enumerate(arrays):
-        piece_ids = ids[bounds[i] : bounds[i + 1]]
-        counts = a["pos_counts"] + a["neg_counts"]
-        longest = np.maximum.reduceat(passage_lengths[piece_ids[a["refs"]]], _starts(counts))
-        example_buckets.append(bucket_index(longest, lengths))
-        query_lengths.append(a["query_lengths"])
+    longest = [
+        _longest_passages(a, ids[bounds[i] : bounds[i + 1]], passage_lengths)
+        for i, a in enumerate(arrays)
+    ]
+    example_buckets = [bucket_index(x, lengths) for x in longest]
     passage_pieces = [i for i in range(len(pieces)) if owned[bounds[i] : bounds[i + 1]].any()]
     passages_root = staging / PASSAGES_DIR
     passages_root.mkdir(exist_ok=True)
@@ -555,18 +560,7 @@ def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], 
         settings=settings,
         inputs=tuple(wanted["inputs"]),
         datasets=tuple(
-            _dataset_entry(
-                d,
-                dataset,
-                pieces,
-                arrays,
-                example_buckets,
-                query_lengths,
-                lengths,
-                passage_lengths,
-                ids,
-                bounds,
-            )
+            _dataset_entry(d, dataset, pieces, arrays, example_buckets, longest, lengths)
             for d, dataset in enumerate(datasets)
         ),
         passages=num_passages,
@@ -576,34 +570,32 @@ def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], 
     return plan, manifest
 
 
-def _starts(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+def _longest_passages(
+    arrays: dict[str, np.ndarray], piece_ids: np.ndarray, passage_lengths: np.ndarray
+) -> np.ndarray:
+    """[records of the piece] the token length of each record's longest passage."""
+    counts = arrays["pos_counts"] + arrays["neg_counts"]
+    if len(counts) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return np.maximum.reduceat(passage_lengths[piece_ids[arrays["refs"]]], starts)
 
 
 def _dataset_entry(
-    d,
-    dataset,
-    pieces,
-    arrays,
-    example_buckets,
-    query_lengths,
-    lengths,
-    passage_lengths,
-    ids,
-    bounds,
+    d: int,
+    dataset: InputDataset,
+    pieces: Sequence[Piece],
+    arrays: Sequence[dict[str, np.ndarray]],
+    example_buckets: Sequence[np.ndarray],
+    longest_passages: Sequence[np.ndarray],
+    lengths: Sequence[int],
 ) -> PreparedDataset:
     members = [i for i, p in enumerate(pieces) if p.dataset == d]
     buckets_of = np.concatenate([example_buckets[i] for i in members])
-    queries_of = np.concatenate([query_lengths[i] for i in members])
-    longest_of = []
-    for i in members:
-        a = arrays[i]
-        counts = a["pos_counts"] + a["neg_counts"]
-        piece_ids = ids[bounds[i] : bounds[i + 1]]
-        longest_of.append(
-            np.maximum.reduceat(passage_lengths[piece_ids[a["refs"]]], _starts(counts))
-        )
-    longest = np.concatenate(longest_of)
+    if len(buckets_of) == 0:
+        raise InputError(f"{dataset.file}: no records (every line is blank)")
+    queries_of = np.concatenate([arrays[i]["query_lengths"] for i in members])
+    longest = np.concatenate([longest_passages[i] for i in members])
     fields: dict[tuple, str] = {}
     for i in members:
         for values, where in json.loads(str(arrays[i]["fields"])):
@@ -615,6 +607,10 @@ def _dataset_entry(
             f"{list(first)}; every record of a dataset must agree on them"
         )
     record_type, batch_size, group_size = next(iter(fields)) if fields else (None, None, None)
+    lacking: dict[str, str] = {}
+    for i in members:
+        for what, where in json.loads(str(arrays[i]["lacking"])).items():
+            lacking.setdefault(what, where)
     buckets = []
     for b, length in enumerate(lengths):
         rows = buckets_of == b
@@ -634,7 +630,8 @@ def _dataset_entry(
         directory=None if dataset.directory is None else str(dataset.directory.absolute()),
         records=int(len(buckets_of)),
         no_in_batch_neg=dataset.no_in_batch_neg,
-        has_scores=bool(all(arrays[i]["has_scores"].all() for i in members)),
+        first_without_neg=lacking.get("neg"),
+        first_without_scores=lacking.get("scores"),
         type=record_type,
         batch_size=batch_size,
         train_group_size=group_size,

@@ -105,7 +105,8 @@ class PreparedDataset:
     directory: str | None
     records: int
     no_in_batch_neg: bool
-    has_scores: bool
+    first_without_neg: str | None  # FILE:LINE of the first record without negatives
+    first_without_scores: str | None  # ... without teacher scores for all its passages
     type: str | None
     batch_size: int | None
     train_group_size: int | None
@@ -170,3 +171,42 @@ def flat(lists: Sequence[Sequence[int]], dtype: Any) -> tuple[np.ndarray, np.nda
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
     values = np.fromiter((v for x in lists for v in x), dtype=dtype, count=int(lengths.sum()))
     return values, lengths
+
+
+class PreparedSet:
+    """A prepared directory opened for random access (TFDS ArrayRecord data sources)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._examples = tfds.builder_from_directory(self.path).as_data_source()
+        passages = tfds.builder_from_directory(self.path / PASSAGES_DIR).as_data_source()
+        self._passages = passages[PASSAGES_SPLIT]
+
+    def examples(self, split: str, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return self._examples[split].__getitems__([int(i) for i in indices])
+
+    def passages(self, ids: Sequence[int]) -> list[np.ndarray]:
+        return [p["ids"] for p in self._passages.__getitems__([int(i) for i in ids])]
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuses a set whose tokenizer or instructions differ from `settings` (a
+        `PrepareSettings.to_json()` of the run), or whose max lengths are shorter."""
+        have = self.manifest.settings
+        for key in ("tokenizer_fingerprint", "query_instruction", "passage_instruction"):
+            if have[key] != settings[key]:
+                raise ValueError(
+                    f"{self.path}: prepared with {key} {have[key]!r}, but the run has "
+                    f"{settings[key]!r}; prepare the data again with the run's settings"
+                )
+        if have["instruction_format"] != settings["instruction_format"]:
+            raise ValueError(
+                f"{self.path}: prepared with instruction_format {have['instruction_format']!r}, "
+                f"but the run has {settings['instruction_format']!r}"
+            )
+        for key in ("query_max_len", "passage_max_len"):
+            if have[key] < settings[key]:
+                raise ValueError(
+                    f"{self.path}: prepared with {key}={have[key]}, shorter than the run's "
+                    f"{settings[key]}; training may truncate shorter, never longer"
+                )

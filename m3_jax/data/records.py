@@ -1,8 +1,8 @@
 """Training records from FlagEmbedding-style jsonl files, validated up front.
 
 One JSON object per line: `{"query": str, "pos": [str, ...], "neg": [str, ...]}`, optionally with
-teacher scores `pos_scores`/`neg_scores` aligned with `pos`/`neg`, a per-record query `prompt` and a
-`type`. Other fields are ignored. Every record is checked before any is returned, so a bad line
+teacher scores `pos_scores`/`neg_scores` aligned with `pos`/`neg`, a per-record query `prompt`, and
+FlagEmbedding's per-file `type`, `batch_size` and `train_group_size`. Other fields are ignored. Every record is checked before any is returned, so a bad line
 deep in a file fails before training starts, with the file, line and field in the message.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Record:
     neg_scores: tuple[float, ...] | None
     prompt: str | None
     type: str | None
+    batch_size: int | None  # FlagEmbedding's per-file fields (every record of a file agrees)
+    train_group_size: int | None
     source: str
 
 
@@ -53,19 +55,12 @@ def data_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def read_records(paths: str | Path | Sequence[str | Path]) -> list[Record]:
-    """All records of the given files/directories, in file order then line order."""
-    files = data_files(paths)
-    records: list[Record] = []
-    for path in files:
-        records.extend(_read_file(path))
-    if not records:
-        raise InputError(f"{', '.join(map(str, files))}: no records (every line is blank)")
-    return records
-
-
-def _read_file(path: Path) -> list[Record]:
-    return [parse_record(obj, where) for where, obj in read_jsonl(path)]
+def iter_records(
+    path: str | Path, byte_range: tuple[int, int] | None = None, first_line: int = 1
+) -> Iterator[Record]:
+    """The validated records of one file, or of lines [start, end) of it (`read_jsonl`)."""
+    for where, obj in read_jsonl(path, byte_range, first_line):
+        yield parse_record(obj, where)
 
 
 def parse_record(obj: Any, where: str) -> Record:
@@ -91,7 +86,18 @@ def parse_record(obj: Any, where: str) -> Record:
             f"{where}: field 'type': unknown value {record_type!r}; expected one of "
             f"{', '.join(RECORD_TYPES)}"
         )
-    return Record(query, pos, neg, pos_scores, neg_scores, prompt, record_type, where)
+    batch_size = _positive_int(obj, "batch_size", where)
+    group_size = _positive_int(obj, "train_group_size", where)
+    return Record(
+        query, pos, neg, pos_scores, neg_scores, prompt, record_type, batch_size, group_size, where
+    )
+
+
+def _positive_int(obj: dict, field: str, where: str) -> int | None:
+    value = obj.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{where}: field '{field}': expected a positive integer, got {value!r}")
+    return value
 
 
 def _describe_missing(obj: dict, field: str) -> str:

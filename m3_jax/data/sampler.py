@@ -1,49 +1,18 @@
-"""One training group per record: 1 positive + G-1 negatives, and the instruction prefixes.
+"""One training group per example: 1 positive + G-1 negatives, and the instruction prefixes.
 
 The sampling follows FlagEmbedding's `AbsEmbedderTrainDataset` (a positive drawn uniformly, the
-negatives sampled without replacement, repeated when too few) but draws from an explicit numpy Generator, so
-the loader can make every group a pure function of (seed, epoch, step, row).
+negatives sampled without replacement, repeated when too few) but draws from an explicit numpy
+Generator, so the loader can make every group a pure function of (seed, epoch, step, row).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from m3_jax.config import DataConfig
-from m3_jax.data.records import Record
-from m3_jax.input_files import InputError
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """passages: [positive, negative_1, ..., negative_{G-1}]; teacher_scores: [G] float32 or None."""
-
-    passages: list[str]
-    teacher_scores: np.ndarray | None
-
-
-def check_record_for_group(record: Record, group_size: int, *, needs_scores: bool) -> None:
-    """Raises InputError (naming the record's `path:line`) if `record` cannot fill a group."""
-    if group_size < 1:
-        raise ValueError(f"group_size must be at least 1, got {group_size}")
-    if group_size > 1 and not record.neg:
-        raise InputError(
-            f"{record.source}: field 'neg': missing or empty, but group_size={group_size} needs "
-            f"{group_size - 1} negatives per query"
-        )
-    if needs_scores:
-        if record.pos_scores is None:
-            raise InputError(
-                f"{record.source}: field 'pos_scores': missing, but teacher scores are requested"
-            )
-        if group_size > 1 and record.neg_scores is None:
-            raise InputError(
-                f"{record.source}: field 'neg_scores': missing, but teacher scores are requested"
-            )
 
 
 def sample_negative_indices(num_negatives: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,44 +26,35 @@ def sample_negative_indices(num_negatives: int, count: int, rng: np.random.Gener
 
 
 def sample_group(
-    record: Record,
+    num_pos: int,
+    num_neg: int,
     group_size: int,
     rng: np.random.Generator,
     *,
+    neg_scores: np.ndarray | None = None,
     sort_negatives_by_teacher: bool = False,
-) -> Group:
-    """A positive drawn uniformly from `pos` and `group_size - 1` negatives.
+) -> tuple[int, np.ndarray]:
+    """(index of the positive, indices of the `group_size - 1` negatives) of one group: the
+    positive drawn uniformly, then the negatives by `sample_negative_indices`.
 
-    Teacher scores are returned, aligned with the passages, whenever the record has them.
-    `sort_negatives_by_teacher` orders the sampled negatives by teacher score, descending, as the
-    old FlagEmbedding loader did; the order matters for the m3 KD loss, where each member competes
-    with the members after it.
+    `sort_negatives_by_teacher` orders the sampled negatives by `neg_scores`, descending, as the
+    old FlagEmbedding loader did; the order matters for the m3 KD loss, where each member
+    competes with the members after it.
     """
-    check_record_for_group(record, group_size, needs_scores=sort_negatives_by_teacher)
-    pos_index = int(rng.integers(len(record.pos)))
-    neg_indices = (
-        sample_negative_indices(len(record.neg), group_size - 1, rng)
-        if group_size > 1
-        else np.zeros(0, dtype=np.int64)
-    )
-    has_scores = record.pos_scores is not None and (
-        group_size == 1 or record.neg_scores is not None
-    )
-    neg_scores = None
-    if has_scores and group_size > 1:
-        neg_scores = np.asarray([record.neg_scores[i] for i in neg_indices], dtype=np.float32)
-        if sort_negatives_by_teacher:
-            # Stable, so equal scores keep their sampled order and the result stays seed-determined.
-            order = np.argsort(-neg_scores, kind="stable")
-            neg_indices, neg_scores = neg_indices[order], neg_scores[order]
-    passages = [record.pos[pos_index]] + [record.neg[i] for i in neg_indices]
-    teacher_scores = None
-    if has_scores:
-        pos_score = np.asarray([record.pos_scores[pos_index]], dtype=np.float32)
-        teacher_scores = (
-            pos_score if neg_scores is None else np.concatenate([pos_score, neg_scores])
-        )
-    return Group(passages, teacher_scores)
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    if group_size > 1 and num_neg == 0:
+        raise ValueError(f"group_size={group_size} needs negatives; the example has none")
+    pos_index = int(rng.integers(num_pos))
+    if group_size == 1:
+        return pos_index, np.zeros(0, dtype=np.int64)
+    neg_indices = sample_negative_indices(num_neg, group_size - 1, rng)
+    if sort_negatives_by_teacher:
+        if neg_scores is None:
+            raise ValueError("sort_negatives_by_teacher needs teacher scores")
+        # Stable, so equal scores keep their sampled order and the result stays seed-determined.
+        neg_indices = neg_indices[np.argsort(-neg_scores[neg_indices], kind="stable")]
+    return pos_index, neg_indices
 
 
 def apply_instructions(

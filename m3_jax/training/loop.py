@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from m3_jax import checkpoint, flops, sharding
 from m3_jax.config import PRESETS, ModelConfig, RunConfig
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
-from m3_jax.data.records import read_records
+from m3_jax.data.sources import open_sources
 from m3_jax.loading import load_params
 from m3_jax.model import Params, abstract_params, graphdef
 from m3_jax.run_dir import (
@@ -70,20 +70,19 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     show = run.train.progress and lead
     enable_compilation_cache(run.train.compilation_cache_dir)
 
-    # Data first: malformed files fail here, before anything is written.
-    records = read_records(run.data.train_files)
-    dev_records = read_records(run.eval.loss_files) if run.eval.loss_files else None
+    # The model and the data before anything is written: malformed files fail here (jsonl
+    # files are prepared into data.cache_dir with the model's tokenizer).
     model_config, host_params, tokenizer_dir = load_initial_model(run)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
     mesh = sharding.mesh_from_config(run.mesh)
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    loader = make_loader(run, records, tokenizer, mesh, show)
-    dev_loader = (
-        None if dev_records is None else make_loader(run, dev_records, tokenizer, mesh, show)
-    )
+    loader = make_loader(run, run.data.train_files, tokenizer_dir, tokenizer, mesh, show)
+    dev_loader = None
+    if run.eval.loss_files:
+        dev_loader = make_loader(run, run.eval.loss_files, tokenizer_dir, tokenizer, mesh, show)
     total_steps = run.train.num_steps or run.train.num_epochs * loader.steps_per_epoch
-    log_plan(loader, len(records), total_steps)
+    log_plan(loader, total_steps)
     workdir.mkdir(parents=True, exist_ok=True)
     if lead:
         write_run_info(workdir, model_config, tokenizer_dir)
@@ -205,21 +204,25 @@ def load_initial_model(run: RunConfig) -> tuple[ModelConfig, Params | None, Path
     return config, None, Path(m.tokenizer)
 
 
-def make_loader(run: RunConfig, records, tokenizer, mesh: Mesh, show: bool) -> TrainLoader:
+def make_loader(
+    run: RunConfig, files, tokenizer_dir: Path, tokenizer, mesh: Mesh, show: bool
+) -> TrainLoader:
+    sources = open_sources(
+        files, run.data, tokenizer_dir, process_index=jax.process_index(), progress=show
+    )
     multiple = run.data.batch_multiple
     return TrainLoader(
-        records,
-        tokenizer,
+        sources,
         run.data,
         seed=run.seed,
         batch_multiple=sharding.data_parallel_size(mesh) if multiple < 0 else multiple,
+        pad_id=int(tokenizer.pad_token_id),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        progress=None if show else False,  # None: a bar while measuring > 10k texts
     )
 
 
-def log_plan(loader: TrainLoader, num_records: int, total_steps: int) -> None:
+def log_plan(loader: TrainLoader, total_steps: int) -> None:
     if loader.num_unused_examples:
         log.warning(
             "%d examples fit no bucket that fills a global batch and are not used",
@@ -227,7 +230,7 @@ def log_plan(loader: TrainLoader, num_records: int, total_steps: int) -> None:
         )
     log.info(
         "%d records, %d batches per epoch over %d buckets, %d steps",
-        num_records,
+        loader.num_records,
         loader.steps_per_epoch,
         len(loader.buckets),
         total_steps,
