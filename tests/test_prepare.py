@@ -129,7 +129,7 @@ def test_restart_keeps_finished_pieces_and_finished_output_is_a_no_op(
 ):
     data = write_jsonl(tmp_path / "train.jsonl", demo_rows)
     out = tmp_path / "prepared"
-    real = prepare_module.tokenize_piece
+    real = prepare_module.scan_piece
     calls, killed = [], []
 
     def crash_on_third(piece, *args):
@@ -139,7 +139,7 @@ def test_restart_keeps_finished_pieces_and_finished_output_is_a_no_op(
             raise Killed
         return real(piece, *args)
 
-    monkeypatch.setattr(prepare_module, "tokenize_piece", crash_on_third)
+    monkeypatch.setattr(prepare_module, "scan_piece", crash_on_third)
     with pytest.raises(Killed):
         prepare([data], out, settings(), piece_bytes=50_000, progress=False)
     assert not out.exists() and (tmp_path / "prepared.incomplete").is_dir()

@@ -1,15 +1,15 @@
 """Prepare FlagEmbedding jsonl training data once: validate, tokenize, deduplicate passages,
 bucket by length, and write the TFDS / ArrayRecord set that training reads (`prepared.py`).
 
-Three stages, the first and last in `num_workers` processes:
+The stages, each over line-aligned pieces of about `piece_bytes` of the inputs, in
+`num_workers` processes:
 
-1. tokenize: each input file is cut into line-aligned pieces of about `piece_bytes`; a worker
-   validates every record of a piece (file:line:field errors), applies the instructions,
-   tokenizes the query and each distinct passage, and saves the piece to `work/`.
-2. plan: passage ids by first occurrence over all pieces (a 128-bit hash of the text), each
-   example's bucket from its longest passage, the shard files of every split.
-3. write: each worker serializes its piece's passages and examples into ArrayRecord shards;
-   then the TFDS metadata and `manifest.json` are written.
+1. scan: a worker validates every record of a piece (file:line:field errors), applies the
+   instructions, tokenizes the queries and keys each passage by a 128-bit hash of its text.
+2. passages: ids by first occurrence over all pieces; each piece tokenizes the distinct
+   passages that occur first in it, so every passage is tokenized once.
+3. write: each example's bucket from its longest passage; each worker serializes its piece's
+   passages and examples into ArrayRecord shards; then the TFDS metadata and `manifest.json`.
 
 Everything is written under `OUT.incomplete/` and renamed to OUT at the end, so OUT is never
 half-written. Rerunning the same command after a crash keeps the finished pieces and shards;
@@ -184,12 +184,10 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def tokenize_piece(
-    piece: Piece, tokenizer: Any, settings: PrepareSettings
-) -> dict[str, np.ndarray]:
+def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[str, np.ndarray]:
     """The piece's records as flat arrays: queries' token ids, each record's passage references
     (into the piece's distinct passages, positives first), teacher scores, and the distinct
-    passages' keys and token ids."""
+    passages' keys. Passages are tokenized later, once over all pieces (`tokenize_passages`)."""
     data = settings.data_config()
     queries: list[str] = []
     refs: list[int] = []
@@ -198,7 +196,6 @@ def tokenize_piece(
     scores: list[float] = []
     has_scores: list[bool] = []
     keys: dict[bytes, int] = {}
-    passages: list[str] = []
     fields: dict[tuple[Any, ...], str] = {}
     lacking: dict[str, str] = {}  # "neg" / "scores" -> the first record without them
     for record in iter_records(piece.file, piece.byte_range, piece.first_line):
@@ -210,12 +207,7 @@ def tokenize_piece(
             record.query, record.pos + record.neg, record.prompt, data
         )
         queries.append(query)
-        for text in texts:
-            key = text_key(text)
-            if key not in keys:
-                keys[key] = len(passages)
-                passages.append(text)
-            refs.append(keys[key])
+        refs.extend(keys.setdefault(text_key(text), len(keys)) for text in texts)
         pos_counts.append(len(record.pos))
         neg_counts.append(len(record.neg))
         scored = record.pos_scores is not None and (record.neg_scores is not None or not record.neg)
@@ -230,9 +222,6 @@ def tokenize_piece(
     query_values, query_lengths = flat(
         _tokenize(tokenizer, queries, settings.query_max_len), np.int32
     )
-    passage_values, passage_lengths = flat(
-        _tokenize(tokenizer, passages, settings.passage_max_len), np.int32
-    )
     return {
         "query_values": query_values,
         "query_lengths": query_lengths,
@@ -242,11 +231,29 @@ def tokenize_piece(
         "scores": np.asarray(scores, np.float32),
         "has_scores": np.asarray(has_scores, bool),
         "passage_keys": np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16),
-        "passage_values": passage_values,
-        "passage_lengths": passage_lengths,
         "fields": np.asarray(json.dumps([[list(k), w] for k, w in fields.items()])),
         "lacking": np.asarray(json.dumps(lacking)),
     }
+
+
+def tokenize_passages(
+    piece: Piece, owned: np.ndarray, tokenizer: Any, settings: PrepareSettings
+) -> dict[str, np.ndarray]:
+    """Token ids of the piece's distinct passages marked in `owned` (those whose first
+    occurrence over all pieces is here), in the order of `scan_piece`'s keys."""
+    data = settings.data_config()
+    keys: dict[bytes, int] = {}
+    stored: list[str] = []
+    for record in iter_records(piece.file, piece.byte_range, piece.first_line):
+        _, passages = apply_instructions(record.query, record.pos + record.neg, record.prompt, data)
+        for text in passages:
+            key = text_key(text)
+            if key not in keys:
+                if owned[len(keys)]:
+                    stored.append(text)
+                keys[key] = len(keys)
+    values, lengths = flat(_tokenize(tokenizer, stored, settings.passage_max_len), np.int32)
+    return {"passage_values": values, "passage_lengths": lengths}
 
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
@@ -268,13 +275,14 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PieceWrite:
-    """What stage 3 writes for one piece: the global id of each of its distinct passages, which
-    of them it stores (their first occurrence), each record's bucket, and the shard files."""
+    """What stage 3 writes for one piece: the global id of each of its distinct passages, each
+    record's bucket, and the shard files (its stored passages are those `passages_file` holds:
+    their first occurrence is here)."""
 
     piece: int
-    tokens_file: Path
+    scan_file: Path
+    passages_file: Path
     passage_ids: np.ndarray
-    owned: np.ndarray
     example_buckets: np.ndarray
     passage_shard: Path | None
     example_shards: dict[int, Path]  # bucket index -> shard file
@@ -311,17 +319,17 @@ def _write_records(path: Path, serialized: Iterator[bytes]) -> None:
 
 
 def write_piece(task: PieceWrite) -> None:
-    arrays = np.load(task.tokens_file)
+    arrays = np.load(task.scan_file)
     if task.passage_shard is not None:
         features = passage_features()
-        values, lengths = arrays["passage_values"], arrays["passage_lengths"]
+        stored = np.load(task.passages_file)
+        values, lengths = stored["passage_values"], stored["passage_lengths"]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        owned = np.flatnonzero(task.owned)
         _write_records(
             task.passage_shard,
             (
                 features.serialize_example({"ids": values[offsets[i] : offsets[i + 1]]})
-                for i in owned
+                for i in range(len(lengths))
             ),
         )
     features = example_features()
@@ -390,9 +398,18 @@ def prepare(
     pieces = split_into_pieces(datasets, piece_bytes)
     try:
         with _pool(num_workers) as run:
-            _tokenize_all(pieces, work, settings, run, progress)
-            manifest_pieces = [np.load(_tokens_file(work, p)) for p in pieces]
-            plan, manifest = _plan(pieces, manifest_pieces, datasets, staging, wanted)
+            _run_pending(run, _scan_task, pieces, work, "scan", settings, None, progress)
+            scans = [np.load(_work_file(work, "scan", p)) for p in pieces]
+            ids, owned, bounds = _passage_ids(scans)
+            owned_of = [owned[bounds[i] : bounds[i + 1]] for i in range(len(pieces))]
+            _run_pending(
+                run, _passages_task, pieces, work, "passages", settings, owned_of, progress
+            )
+            arrays = [
+                {**scan, **np.load(_work_file(work, "passages", p))}
+                for scan, p in zip(scans, pieces, strict=True)
+            ]
+            plan, manifest = _plan(pieces, arrays, ids, owned, bounds, datasets, staging, wanted)
             _run_all(run, write_piece, plan, "writing", [p.size for p in pieces], progress)
     except InputError:
         # Fixing the input changes it, so nothing staged could be reused.
@@ -435,14 +452,19 @@ def _open_staging(staging: Path, wanted: dict) -> None:
     settings_file.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
 
 
-def _tokens_file(work: Path, piece: Piece) -> Path:
-    return work / f"tokens-{piece.index:06d}.npz"
+def _work_file(work: Path, stage: str, piece: Piece) -> Path:
+    return work / f"{stage}-{piece.index:06d}.npz"
 
 
-def _tokenize_all(pieces, work, settings, run, progress) -> None:
-    todo = [p for p in pieces if not _tokens_file(work, p).is_file()]
-    tasks = [(p, settings, _tokens_file(work, p)) for p in todo]
-    _run_all(run, _tokenize_task, tasks, "tokenizing", [p.size for p in todo], progress)
+def _run_pending(run, fn, pieces, work, stage, settings, owned_of, progress) -> None:
+    """Runs `fn` on the pieces whose `stage` file is missing (finished ones survive a crash)."""
+    todo = [p for p in pieces if not _work_file(work, stage, p).is_file()]
+    tasks = [
+        (p, settings, None if owned_of is None else owned_of[p.index], _work_file(work, stage, p))
+        for p in todo
+    ]
+    what = {"scan": "reading", "passages": "tokenizing passages"}[stage]
+    _run_all(run, fn, tasks, what, [p.size for p in todo], progress)
 
 
 _WORKER_TOKENIZER: dict[str, Any] = {}
@@ -454,9 +476,15 @@ def _worker_tokenizer(path: str) -> Any:
     return _WORKER_TOKENIZER[path]
 
 
-def _tokenize_task(task: tuple[Piece, PrepareSettings, Path]) -> None:
-    piece, settings, target = task
-    _save_npz(target, tokenize_piece(piece, _worker_tokenizer(settings.tokenizer), settings))
+def _scan_task(task) -> None:
+    piece, settings, _, target = task
+    _save_npz(target, scan_piece(piece, _worker_tokenizer(settings.tokenizer), settings))
+
+
+def _passages_task(task) -> None:
+    piece, settings, owned, target = task
+    tokenizer = _worker_tokenizer(settings.tokenizer)
+    _save_npz(target, tokenize_passages(piece, owned, tokenizer, settings))
 
 
 class _pool:
@@ -504,16 +532,23 @@ def _run_all(run, fn, tasks, what: str, sizes: Sequence[int], progress: bool) ->
             bar.update(sizes[i])
 
 
-def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], Manifest]:
+def _passage_ids(scans) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(global id of every piece-local distinct passage, whether it is the first occurrence,
+    the offsets of each piece's passages in those arrays)."""
+    keys = np.concatenate([a["passage_keys"] for a in scans])
+    ids, owned = _first_occurrence_ids(keys)
+    bounds = np.concatenate([[0], np.cumsum([len(a["passage_keys"]) for a in scans])])
+    return ids, owned, bounds
+
+
+def _plan(
+    pieces, arrays, ids, owned, bounds, datasets, staging, wanted
+) -> tuple[list[PieceWrite], Manifest]:
     settings = wanted["settings"]
     lengths = tuple(settings["bucket_lengths"])
-    keys = np.concatenate([a["passage_keys"] for a in arrays])
-    ids, owned = _first_occurrence_ids(keys)
     num_passages = int(owned.sum())
     passage_lengths = np.zeros(num_passages, np.int64)
-    all_lengths = np.concatenate([a["passage_lengths"] for a in arrays])
-    passage_lengths[ids[owned]] = all_lengths[owned]
-    bounds = np.concatenate([[0], np.cumsum([len(a["passage_keys"]) for a in arrays])])
+    passage_lengths[ids[owned]] = np.concatenate([a["passage_lengths"] for a in arrays])
     longest = [
         _longest_passages(a, ids[bounds[i] : bounds[i + 1]], passage_lengths)
         for i, a in enumerate(arrays)
@@ -547,9 +582,9 @@ def _plan(pieces, arrays, datasets, staging, wanted) -> tuple[list[PieceWrite], 
         plan.append(
             PieceWrite(
                 i,
-                _tokens_file(staging / WORK_DIR, piece),
+                _work_file(staging / WORK_DIR, "scan", piece),
+                _work_file(staging / WORK_DIR, "passages", piece),
                 ids[bounds[i] : bounds[i + 1]],
-                owned[bounds[i] : bounds[i + 1]],
                 example_buckets[i],
                 passage_shard,
                 shards,

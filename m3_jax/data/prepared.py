@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -168,8 +169,10 @@ def describe_settings_change(want: dict[str, Any], have: dict[str, Any]) -> str:
 
 def flat(lists: Sequence[Sequence[int]], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """(values, lengths) of a list of sequences, the ragged layout used between the stages."""
-    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    values = np.fromiter((v for x in lists for v in x), dtype=dtype, count=int(lengths.sum()))
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    values = np.fromiter(
+        itertools.chain.from_iterable(lists), dtype=dtype, count=int(lengths.sum())
+    )
     return values, lengths
 
 
