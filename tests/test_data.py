@@ -174,6 +174,9 @@ def test_instructions():
     assert query_of(prompt="R: ") == "R: q"
     assert query_of(query_instruction="Q: ", prompt="") == "q"
     assert query_of(prompt="R", instruction_format="{}\n{}") == "R\nq"
+    # Symmetric text pairs: the passages take the query's instruction (FlagEmbedding).
+    for record_type, passage in (("symmetric_sts", "R: p"), ("symmetric_class", "P: p")):
+        assert apply_instructions("q", ["p"], "R: ", data, record_type) == ("R: q", [passage])
     with pytest.raises(ValueError, match="two"):
         DataConfig(instruction_format="{}")
     with pytest.raises(ValueError, match="two"):

@@ -206,3 +206,26 @@ def test_cli_prints_the_summary_then_says_nothing_to_do(tmp_path, demo_rows, cap
     assert "nothing to do" in capsys.readouterr().out
     assert cli_main([*args, "--query-max-len", "64"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_symmetric_types_take_the_query_instruction(tmp_path, demo_rows):
+    rows = [{**r, "type": "symmetric_sts", "prompt": "Same: "} for r in demo_rows[:10]]
+    data = write_jsonl(tmp_path / "sts.jsonl", rows)
+    prepare([data], tmp_path / "out", settings(passage_instruction="P: "), progress=False)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    got = canonical(read_back(tmp_path / "out"))
+    want = {
+        json.dumps(
+            [
+                tok("Same: " + r["query"], truncation=True, max_length=512)["input_ids"],
+                tok("Same: " + r["pos"][0], truncation=True, max_length=512)["input_ids"],
+            ]
+        )
+        for r in rows
+    }
+    have = {
+        json.dumps([row["query"], row["pos"][0]])
+        for rows_of in read_back(tmp_path / "out").values()
+        for row in rows_of
+    }
+    assert have == want and got

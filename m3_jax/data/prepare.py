@@ -57,7 +57,7 @@ from m3_jax.data.prepared import (
     split_name,
     tokenizer_fingerprint,
 )
-from m3_jax.data.records import data_files, iter_records
+from m3_jax.data.records import Record, data_files, iter_records
 from m3_jax.data.sampler import apply_instructions
 from m3_jax.input_files import InputError, line_aligned_pieces
 from m3_jax.tokenization import load_tokenizer, tokenize
@@ -184,6 +184,13 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def record_texts(record: Record, data: DataConfig) -> tuple[str, list[str]]:
+    """The record's query and its passages (positives first) as they are tokenized."""
+    return apply_instructions(
+        record.query, record.pos + record.neg, record.prompt, data, record.type
+    )
+
+
 def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[str, np.ndarray]:
     """The piece's records as flat arrays: queries' token ids, each record's passage references
     (into the piece's distinct passages, positives first), teacher scores, and the distinct
@@ -203,9 +210,7 @@ def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[
         fields.setdefault((record.type, record.batch_size, record.train_group_size), where)
         if not record.neg:
             lacking.setdefault("neg", where)
-        query, texts = apply_instructions(
-            record.query, record.pos + record.neg, record.prompt, data
-        )
+        query, texts = record_texts(record, data)
         queries.append(query)
         refs.extend(keys.setdefault(text_key(text), len(keys)) for text in texts)
         pos_counts.append(len(record.pos))
@@ -245,7 +250,7 @@ def tokenize_passages(
     keys: dict[bytes, int] = {}
     stored: list[str] = []
     for record in iter_records(piece.file, piece.byte_range, piece.first_line):
-        _, passages = apply_instructions(record.query, record.pos + record.neg, record.prompt, data)
+        _, passages = record_texts(record, data)
         for text in passages:
             key = text_key(text)
             if key not in keys:

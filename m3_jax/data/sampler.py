@@ -57,19 +57,32 @@ def sample_group(
     return pos_index, neg_indices
 
 
+# Record types whose passages are texts of the query's kind: they take the query's instruction.
+SYMMETRIC_TEXT_TYPES = ("symmetric_sts", "symmetric_clustering")
+
+
 def apply_instructions(
-    query: str, passages: Sequence[str], prompt: str | None, data: DataConfig
+    query: str,
+    passages: Sequence[str],
+    prompt: str | None,
+    data: DataConfig,
+    record_type: str | None = None,
 ) -> tuple[str, list[str]]:
     """The query and passages with their instruction prefixes (`data.query_instruction`,
     `data.passage_instruction`, joined by `data.instruction_format`).
 
-    A record's `prompt` replaces the query instruction (an empty prompt means no prefix). A
-    missing instruction adds nothing: the new FlagEmbedding code can prefix the literal text
-    "None" when no instruction is set, which we do not copy.
+    A record's `prompt` replaces the query instruction (an empty prompt means no prefix). For
+    the types in SYMMETRIC_TEXT_TYPES the passages take the query's instruction instead of the
+    passage instruction, as in FlagEmbedding. A missing instruction adds nothing: the new
+    FlagEmbedding code can prefix the literal text "None" when no instruction is set, which we
+    do not copy.
     """
     instruction = prompt if prompt is not None else data.query_instruction
     if instruction:
         query = data.instruction_format.format(instruction, query)
-    if data.passage_instruction:
-        passages = [data.instruction_format.format(data.passage_instruction, p) for p in passages]
+    passage_instruction = data.passage_instruction
+    if record_type in SYMMETRIC_TEXT_TYPES:
+        passage_instruction = instruction
+    if passage_instruction:
+        passages = [data.instruction_format.format(passage_instruction, p) for p in passages]
     return query, list(passages)
