@@ -106,7 +106,8 @@ def train_start(prepared: Path, work: Path) -> tuple[float, float]:
         "--config.train.peak_flops_per_s=1e11",
         "--config.eval.heldout_file=",
         f"--config.model.tokenizer={TOKENIZER}",
-        f"--config.train.compilation_cache_dir={work.parent / 'xla_cache'}",
+        # A cache of its own: every N compiles cold, so the start-ups compare.
+        f"--config.train.compilation_cache_dir={work.with_name(work.name + '-xla')}",
     ]
     # A fresh parent whose only child is the run, so that its children's peak RSS is the run's.
     measure = (
