@@ -79,3 +79,20 @@ def tool_main(
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run_command(run, parser.parse_args(argv))
+
+
+Subcommands = dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]]
+
+
+def add_subcommands(
+    parser: argparse.ArgumentParser, table: Subcommands, metavar: str, description: str | None
+) -> None:
+    """One sub-parser per `table` entry (name -> (add_arguments, run, summary)); the chosen
+    one's run is `args.run`."""
+    subs = parser.add_subparsers(dest=metavar.lower(), required=True, metavar=metavar)
+    for name, (add, run, summary) in table.items():
+        sub = subs.add_parser(
+            name, help=summary, description=description, formatter_class=HelpFormatter
+        )
+        add(sub)
+        sub.set_defaults(run=run)

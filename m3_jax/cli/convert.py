@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from m3_jax.cli.common import HelpFormatter
+from m3_jax.cli.common import add_subcommands
 from m3_jax.convert.from_torch import convert_checkpoint
 from m3_jax.convert.to_torch import convert_to_pytorch
 
@@ -95,13 +95,7 @@ DIRECTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    directions = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    for name, (add, run, summary) in DIRECTIONS.items():
-        sub = directions.add_parser(
-            name, help=summary, description=__doc__, formatter_class=HelpFormatter
-        )
-        add(sub)
-        sub.set_defaults(run=run)
+    add_subcommands(parser, DIRECTIONS, "DIRECTION", __doc__)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from m3_jax.cli.common import HelpFormatter
+from m3_jax.cli.common import add_subcommands
 from m3_jax.data.prepare import PrepareResult, PrepareSettings, prepare
 from m3_jax.data.prepared import PASSAGES_DIR
 
@@ -114,13 +114,7 @@ ACTIONS = {"prepare": (add_prepare_arguments, run_prepare, "jsonl -> a prepared 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, (add, run, summary) in ACTIONS.items():
-        sub = actions.add_parser(
-            name, help=summary, description=__doc__, formatter_class=HelpFormatter
-        )
-        add(sub)
-        sub.set_defaults(run=run)
+    add_subcommands(parser, ACTIONS, "ACTION", __doc__)
 
 
 def run(args: argparse.Namespace) -> int:

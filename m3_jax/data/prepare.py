@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -159,9 +160,17 @@ def input_datasets(inputs: Sequence[str | os.PathLike]) -> list[InputDataset]:
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": str(path.absolute()), "bytes": path.stat().st_size, "sha256": digest}
+    """Path, size and sha256 of an input file (hashed once per process and file version: the
+    training cache key and prepare both ask)."""
+    stat = path.stat()
+    digest = _sha256(str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    return {"path": str(path.absolute()), "bytes": stat.st_size, "sha256": digest}
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> list[Piece]:
