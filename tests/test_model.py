@@ -207,8 +207,10 @@ def test_scan_over_layers_same_outputs_and_gradients(remat):
     np.testing.assert_allclose(float(value_s), float(value), rtol=1e-6)
     a, b = forward(plain, ids, mask), forward(scanned, ids, mask)
     for name in ("dense", "sparse", "colbert"):
+        # fp32 parity (1e-5): the scanned program fuses differently, and on some CPUs that
+        # moves outputs by a few ulps more than the unrolled one (2.6e-6 relative seen).
         np.testing.assert_allclose(
-            np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), rtol=1e-6, atol=1e-7
+            np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), rtol=1e-5, atol=1e-6
         )
     for g, g_s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s), strict=True):
         # atol: a few fp32 roundings of the O(1) terms that cancel into gradients near zero.

@@ -90,8 +90,9 @@ def loader(source, tokenizer):
 
 def test_buckets_and_shapes(loader):
     shapes = loader.bucket_shapes()
-    assert len(shapes) >= 2 and all(b % 8 == 0 for b, _, _ in shapes)
-    assert {lp for _, _, lp in shapes} <= {64, 128, 256}
+    assert len(shapes) >= 2 and all(s.batch_size % 8 == 0 for s in shapes)
+    assert {s.passage_len for s in shapes} <= {64, 128, 256}
+    assert {(s.group_size, s.in_batch_negatives) for s in shapes} == {(GROUP, True)}
     assert loader.steps_per_epoch == sum(b.batches for b in loader.buckets) > 0
     assert loader.num_records == 120
 
@@ -107,9 +108,7 @@ def test_host_batch_contents(loader, tokenizer):
     seen = set()
     for step in range(loader.steps_per_epoch):
         batch = loader.host_batch(LoaderPosition(1, step))
-        b, lq = batch["query_ids"].shape
-        lp = batch["passage_ids"].shape[1]
-        assert (b, lq, lp) in loader.bucket_shapes()
+        b, lq, lp = loader.batch_shape(LoaderPosition(1, step))[:3]
         assert set(batch) == {
             "query_ids",
             "query_mask",
@@ -149,7 +148,7 @@ def test_truncation_to_the_runs_max_lengths(source, tokenizer):
     """A set prepared at 256 tokens trains at 40: the ids the tokenizer gives at 40."""
     data = dataclasses.replace(DATA, passage_max_len=40, query_max_len=8)
     short = make_loader(source, tokenizer, data)
-    assert {lp for _, _, lp in short.bucket_shapes()} == {40}
+    assert {s.passage_len for s in short.bucket_shapes()} == {40}
     rows = {r["pos"][0]: r for r in make_rows()}
     want = {tuple(tokenize(tokenizer, [p], 40)[0]): p for p in rows}
     batch = short.host_batch(LoaderPosition(0, 0))
@@ -186,7 +185,10 @@ def test_position_json_round_trip_and_errors(loader):
 
 
 def flatten(items):
-    return [(position, {k: v.tolist() for k, v in batch.items()}) for position, batch in items]
+    return [
+        (position, shape, {k: v.tolist() for k, v in batch.items()})
+        for position, shape, batch in items
+    ]
 
 
 def test_iterate_resumes_exactly(loader):
@@ -194,10 +196,12 @@ def test_iterate_resumes_exactly(loader):
     full = flatten(loader.iterate(num_epochs=2))
     assert len(full) == 2 * n
     assert full[n - 1][0] == LoaderPosition(1, 0) and full[-1][0] == LoaderPosition(2, 0)
-    assert [p for p, _ in full[: n - 1]] == [LoaderPosition(0, s + 1) for s in range(n - 1)]
+    assert [p for p, _, _ in full[: n - 1]] == [LoaderPosition(0, s + 1) for s in range(n - 1)]
     # Epochs differ, and each batch is the pure function host_batch(position before it).
-    assert full[0][1] != full[n][1]
-    assert flatten([(None, loader.host_batch(LoaderPosition(1, 0)))])[0][1] == full[n][1]
+    assert full[0][2] != full[n][2]
+    before = LoaderPosition(1, 0)
+    assert flatten([(None, None, loader.host_batch(before))])[0][2] == full[n][2]
+    assert loader.batch_shape(before) == full[n][1]
     for cut in (1, n - 1, n + 1):
         resume = LoaderPosition.from_json(full[cut - 1][0].to_json())
         assert flatten(loader.iterate(resume, num_epochs=2)) == full[cut:]
@@ -239,3 +243,79 @@ def test_loader_errors_name_the_record(tmp_path, tokenizer_dir, tokenizer, sourc
         make_loader(prepared(tmp_path / "c", rows[:5], tokenizer_dir), tokenizer)
     with pytest.raises(ValueError, match="not a multiple of process_count 3"):
         make_loader(source, tokenizer, process_index=0, process_count=3)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def flag_embedding_rows(name: str, count: int, num_neg: int, **fields) -> list[dict]:
+    return [
+        {
+            "query": f"{name} {i}",
+            "pos": [f"{name} pos {i}"],
+            "neg": [f"{name} neg {i} {j}" for j in range(num_neg)],
+            "prompt": f"{name}: ",
+            **fields,
+        }
+        for i in range(count)
+    ]
+
+
+# FlagEmbedding-format inputs: file -> (records' fields, negatives, group size, batch size,
+# in-batch negatives). The default batch is 4 rows per shard over 4 shards; `symmetric*`
+# halves it, a record's batch_size sets it per shard.
+FLAG_EMBEDDING_FILES = {
+    "retrieval/normal.jsonl": ({"type": "normal"}, 5, 4, 16, True),
+    "retrieval/sts.jsonl": ({"type": "symmetric_sts"}, 5, 4, 8, True),
+    "retrieval/one.jsonl": ({"type": "only_1neg"}, 3, 2, 16, True),
+    "retrieval/cls.jsonl": ({"type": "symmetric_class"}, 2, 3, 8, True),
+    "qa_no_in_batch_neg/own.jsonl": ({"batch_size": 2, "train_group_size": 3}, 5, 3, 8, False),
+}
+
+
+def test_flag_embedding_datasets_types_and_batch_sizes(tmp_path, tokenizer_dir, tokenizer):
+    """Every global batch comes from one input file, with that file's group size, batch size
+    and in-batch-negative rule; prompts reach the queries (and, for symmetric_sts, passages)."""
+    expected, query_of = {}, {}
+    for name, (fields, num_neg, *rules) in FLAG_EMBEDDING_FILES.items():
+        rows = flag_embedding_rows(Path(name).stem, 40, num_neg, **fields)
+        write_jsonl(tmp_path / "data" / name, rows)
+        expected[Path(name).stem] = tuple(rules)
+        for row in rows:
+            query = tokenize(tokenizer, [row["prompt"] + row["query"]], 48)[0]
+            query_of[tuple(query)] = row
+    data = DataConfig(group_size=4, query_max_len=48, passage_max_len=64, passage_buckets=(64,))
+    data = dataclasses.replace(data, token_budget=10**6, max_batch_size=16)
+    out = tmp_path / "prepared"
+    inputs = [tmp_path / "data/retrieval", tmp_path / "data/qa_no_in_batch_neg"]
+    prepare(inputs, out, prepare_settings(data, tokenizer_dir), progress=False)
+    loader = TrainLoader(
+        [PreparedSet(out)], data, seed=1, batch_multiple=4, pad_id=tokenizer.pad_token_id
+    )
+    assert len(loader.bucket_shapes()) == 5  # one compiled program per distinct shape
+    batches_of: dict[str, int] = {}
+    for step in range(loader.steps_per_epoch):
+        shape = loader.batch_shape(LoaderPosition(0, step))
+        batch = loader.host_batch(LoaderPosition(0, step))
+        rows = [
+            query_of[tuple(ids[: mask.sum()].tolist())]
+            for ids, mask in zip(batch["query_ids"], batch["query_mask"], strict=True)
+        ]
+        names = {r["query"].split()[0] for r in rows}
+        assert len(names) == 1, f"step {step} mixes datasets {names}"
+        name = names.pop()
+        group, size, in_batch = expected[name]
+        assert (shape.group_size, shape.batch_size, shape.in_batch_negatives) == (
+            group,
+            size,
+            in_batch,
+        )
+        assert batch["passage_ids"].shape[0] == size * group
+        assert len({r["query"] for r in rows}) == size  # no record twice in a batch
+        first = batch["passage_ids"][0, : batch["passage_mask"][0].sum()].tolist()
+        prefix = f"{name}: " if name == "sts" else ""
+        assert first == tokenize(tokenizer, [prefix + rows[0]["pos"][0]], 64)[0]
+        batches_of[name] = batches_of.get(name, 0) + 1
+    assert batches_of == {name: 40 // size for name, (_, size, _) in expected.items()}

@@ -172,6 +172,31 @@ def test_periodic_evaluation_keeps_the_best_params_and_dev_loss(tmp_path, train_
 
 
 @pytest.mark.slow
+def test_flag_embedding_types_and_no_in_batch_neg_train_one_program_each(
+    tmp_path, train_file, cache
+):
+    """An only_1neg file and a `*no_in_batch_neg` directory: one compiled program per batch
+    shape (group size 2 with in-batch negatives; the run's group without), both trained."""
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    one = tmp_path / "retrieval" / "one.jsonl"
+    own = tmp_path / "qa_no_in_batch_neg" / "own.jsonl"
+    for path, part in [(one, rows[:120]), (own, rows[120:])]:
+        path.parent.mkdir()
+        extra = {"type": "only_1neg"} if path == one else {}
+        path.write_text("".join(json.dumps({**r, **extra}) + "\n" for r in part))
+    c = demo_config(tmp_path / "run", train_file, cache)
+    c.data.train_files = f"{one.parent},{own.parent}"
+    c.data.passage_max_len = 128  # one length bucket per dataset
+    c.train.num_steps = 6
+    summary = train(RunConfig.from_config_dict(c))
+    group = c.data.group_size
+    labels = sorted(label.split("_g")[1] for label in summary["compile_seconds"])
+    assert labels == sorted(["2", f"{group}_no_in_batch_neg"])
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(np.isfinite(r["loss/loss"]) for r in records)
+
+
+@pytest.mark.slow
 def test_resume_with_another_batch_plan_names_the_change(tmp_path, train_file, cache):
     c = demo_config(tmp_path / "run", train_file, cache)
     c.data.passage_max_len = 128  # one bucket to compile

@@ -23,6 +23,7 @@ from bench_common import GEOMETRIES
 
 from m3_jax import flops, sharding
 from m3_jax.config import LossConfig, OptimConfig
+from m3_jax.data.plan import BatchShape
 from m3_jax.model import abstract_params, graphdef
 from m3_jax.training import sharded
 from m3_jax.training.optim import make_optimizer
@@ -68,8 +69,8 @@ def step_rows(args, config, tx) -> dict:
     step_config = StepConfig(loss, args.sub_batch_size, dropout=False, data_shards=shards)
     layout = sharded.state_shardings(config, tx, mesh, sharding.FSDP_RULES)
     step_fn = sharded.jit_train_step(graphdef(config), tx, step_config, layout, mesh)
-    shape = (args.queries, args.query_length, args.passage_length)
-    batch_spec = sharded.batch_spec(shape, args.group_size, with_teacher=False)
+    shape = BatchShape(args.queries, args.query_length, args.passage_length, args.group_size, True)
+    batch_spec = sharded.batch_spec(shape, with_teacher=False)
     state_spec = sharded.with_shardings(
         abstract_state(abstract_params(config.replace(param_dtype="float32")), tx), layout
     )
@@ -89,7 +90,7 @@ def step_rows(args, config, tx) -> dict:
         params = sharded.fresh_params(config, 0, layout.params)
         state = sharded.initial_state(params, tx, 0, layout)
         rng = np.random.default_rng(0)
-        host = random_batch(rng, *shape[:1], args.group_size, *shape[1:], config.vocab_size)
+        host = random_batch(rng, *shape[:1], args.group_size, *shape[1:3], config.vocab_size)
         batch = sharding.put_global(host, sharding.batch_sharding(mesh))
         lr = np.float32(1e-5)
         state, metrics = compiled(state, batch, lr)

@@ -64,9 +64,14 @@ class DataConfig:
     """Training data, the group of passages per query, and the static batch shapes."""
 
     train_files: str | tuple[str, ...] = knob(
-        "", "prepared dir, jsonl file or directory of them, or a list"
+        "", "prepared dirs, jsonl files or directories of them: comma-separated or a tuple"
     )
     cache_dir: str = knob("~/.cache/m3_jax/data", "where jsonl train_files are prepared")
+    sampling_weights: tuple[float, ...] = knob(
+        (), "one per train_files entry: epochs' share of its examples (2 = twice); () = all 1"
+    )
+    small_threshold: int = knob(0, "files of a directory below this many records merge")
+    drop_threshold: int = knob(0, "merged small files below this many records are dropped")
     group_size: int = knob(8, "1 positive + G-1 negatives per query (train_group_size)")
     query_max_len: int = knob(512, "queries are truncated to this many tokens")
     passage_max_len: int = knob(8192, "passages are truncated to this many tokens")
@@ -85,6 +90,8 @@ class DataConfig:
         for name in ("group_size", "query_max_len", "passage_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if any(w < 0 for w in self.sampling_weights):
+            raise ValueError(f"data.sampling_weights must be >= 0, got {self.sampling_weights}")
         # <s> and </s> take two tokens; a shorter limit leaves no room for text.
         if min(self.query_max_len, self.passage_max_len) < 3:
             raise ValueError("data.query_max_len and data.passage_max_len must be at least 3")

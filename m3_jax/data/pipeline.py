@@ -21,8 +21,15 @@ import numpy as np
 
 from m3_jax.bucketing import pad
 from m3_jax.config import DataConfig
-from m3_jax.data.plan import BatchSizing, TrainBucket, batch_of_step, batch_positions, plan_buckets
-from m3_jax.data.prepared import Manifest, PreparedSet
+from m3_jax.data.plan import (
+    BatchShape,
+    BatchSizing,
+    TrainBucket,
+    batch_of_step,
+    batch_positions,
+    plan_buckets,
+)
+from m3_jax.data.prepared import PreparedSet
 from m3_jax.data.sampler import sample_group
 from m3_jax.input_files import InputError
 
@@ -34,22 +41,6 @@ def truncate(ids: np.ndarray, max_len: int) -> np.ndarray:
     if len(ids) <= max_len:
         return ids
     return np.concatenate([ids[: max_len - 1], ids[-1:]])
-
-
-def check_datasets(manifest: Manifest, data: DataConfig) -> None:
-    """InputError naming the first record that cannot fill a group as `data` asks."""
-    needs_scores = data.knowledge_distillation or data.sort_negatives_by_teacher
-    for dataset in manifest.datasets:
-        if data.group_size > 1 and dataset.first_without_neg is not None:
-            raise InputError(
-                f"{dataset.first_without_neg}: field 'neg': missing or empty, but "
-                f"group_size={data.group_size} needs {data.group_size - 1} negatives per query"
-            )
-        if needs_scores and dataset.first_without_scores is not None:
-            raise InputError(
-                f"{dataset.first_without_scores}: field 'pos_scores'/'neg_scores': missing, but "
-                "teacher scores are requested"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +104,6 @@ class TrainLoader:
                 f"batch_multiple {batch_multiple} is not a multiple of "
                 f"process_count {process_count}, so a global batch cannot split evenly"
             )
-        for source in sources:
-            check_datasets(source.manifest, data)
         self.sources = list(sources)
         self.data = data
         self.seed = seed
@@ -133,9 +122,9 @@ class TrainLoader:
                 f"global batch with {self.sizing}; lower the batch size or add data"
             )
 
-    def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every global (batch_size, query_len, passage_len) the plan produces, for compiling."""
-        return sorted({(b.batch_size, b.query_len, b.passage_len) for b in self.buckets})
+    def bucket_shapes(self) -> list[BatchShape]:
+        """Every static batch shape the plan produces (one compiled program each)."""
+        return sorted({b.shape for b in self.buckets})
 
     def normalize(self, position: LoaderPosition) -> LoaderPosition:
         """The same position with a finished epoch written as the start of the next one."""
@@ -148,16 +137,24 @@ class TrainLoader:
             return LoaderPosition(position.epoch + 1, 0)
         return position
 
+    def batch_shape(self, position: LoaderPosition) -> BatchShape:
+        """The static shape of global batch `position`."""
+        return self._bucket_of(self.normalize(position))[0].shape
+
+    def _bucket_of(self, position: LoaderPosition) -> tuple[TrainBucket, int, int]:
+        index, batch = batch_of_step(self.buckets, self.seed, position.epoch, position.step)
+        return self.buckets[index], index, batch
+
     def host_batch(self, position: LoaderPosition) -> HostBatch:
-        """This process's rows of global batch `position` ([b] = B / process_count queries):
+        """This process's rows of global batch `position` ([b] = B / process_count queries, G
+        and the lengths from `batch_shape(position)`):
 
         query_ids, query_mask: [b, Lq] int32; passage_ids, passage_mask: [b*G, Lp] int32, where
         row r's passages are rows r*G .. r*G+G-1 and the first is its positive; with teacher
         scores, teacher_scores: [b, G] float32. Padding is on the right with the pad id.
         """
         position = self.normalize(position)
-        index, batch = batch_of_step(self.buckets, self.seed, position.epoch, position.step)
-        bucket = self.buckets[index]
+        bucket, index, batch = self._bucket_of(position)
         d = self.data
         count = bucket.batch_size // self.process_count
         rows = range(self.process_index * count, (self.process_index + 1) * count)
@@ -170,7 +167,7 @@ class TrainLoader:
             pos, neg = sample_group(
                 len(example["pos"]),
                 len(example["neg"]),
-                d.group_size,
+                bucket.shape.group_size,
                 rng,
                 neg_scores=example["neg_scores"],
                 sort_negatives_by_teacher=d.sort_negatives_by_teacher,
@@ -184,10 +181,10 @@ class TrainLoader:
         passages = [truncate(ids, d.passage_max_len) for ids in source.passages(passage_ids)]
         batch_arrays = {}
         batch_arrays["query_ids"], batch_arrays["query_mask"] = pad(
-            queries, len(queries), bucket.query_len, self.pad_id
+            queries, len(queries), bucket.shape.query_len, self.pad_id
         )
         batch_arrays["passage_ids"], batch_arrays["passage_mask"] = pad(
-            passages, len(passages), bucket.passage_len, self.pad_id
+            passages, len(passages), bucket.shape.passage_len, self.pad_id
         )
         if d.knowledge_distillation:
             batch_arrays["teacher_scores"] = np.stack(scores).astype(np.float32)
@@ -204,16 +201,17 @@ class TrainLoader:
                 examples[row] = example
         return examples
 
-    def _item(self, epoch: int, step: int) -> tuple[LoaderPosition, HostBatch]:
-        batch = self.host_batch(LoaderPosition(epoch, step))
-        return self.normalize(LoaderPosition(epoch, step + 1)), batch
+    def _item(self, epoch: int, step: int) -> tuple[LoaderPosition, BatchShape, HostBatch]:
+        position = LoaderPosition(epoch, step)
+        batch = self.host_batch(position)
+        return self.normalize(LoaderPosition(epoch, step + 1)), self.batch_shape(position), batch
 
     def iterate(
         self, start: LoaderPosition = LoaderPosition(), num_epochs: int | None = None
-    ) -> Iterator[tuple[LoaderPosition, HostBatch]]:
-        """(position after the batch, host batch) from `start` on, until epoch `num_epochs`
-        (forever if None). Saving the yielded position and restarting from it continues with
-        exactly the batches an uninterrupted run would have seen."""
+    ) -> Iterator[tuple[LoaderPosition, BatchShape, HostBatch]]:
+        """(position after the batch, its shape, host batch) from `start` on, until epoch
+        `num_epochs` (forever if None). Saving the yielded position and restarting from it
+        continues with exactly the batches an uninterrupted run would have seen."""
         position = self.normalize(start)
         while num_epochs is None or position.epoch < num_epochs:
             epoch = position.epoch

@@ -407,7 +407,7 @@ def prepare(
     if out.exists() and not overwrite and not (out / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists and is not a prepared set; choose another --out")
     staging = out.with_name(f"{out.name}.incomplete{staging_tag}")
-    _open_staging(staging, wanted)
+    _open_staging(staging, {"schema_version": SCHEMA_VERSION, **wanted})
     work = staging / WORK_DIR
     pieces = split_into_pieces(datasets, piece_bytes)
     try:
@@ -684,6 +684,7 @@ def _dataset_entry(
         type=record_type,
         batch_size=batch_size,
         train_group_size=group_size,
+        min_negatives=int(np.concatenate([arrays[i]["neg_counts"] for i in members]).min()),
         buckets=tuple(buckets),
     )
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 PASSAGES_DIR = "passages"
 PASSAGES_SPLIT = "train"
@@ -99,7 +99,7 @@ class PreparedBucket:
 class PreparedDataset:
     """One input file (`directory`: the input directory holding it, or None). `type`,
     `batch_size` and `train_group_size` are the FlagEmbedding per-file fields (from the
-    records), None when absent."""
+    records), None when absent; `min_negatives` is the fewest negatives of a record."""
 
     index: int
     source: str
@@ -111,6 +111,7 @@ class PreparedDataset:
     type: str | None
     batch_size: int | None
     train_group_size: int | None
+    min_negatives: int
     buckets: tuple[PreparedBucket, ...]
 
 
@@ -150,7 +151,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if version != SCHEMA_VERSION:
         raise ValueError(
             f"{file}: schema version {version}; this m3_jax reads version {SCHEMA_VERSION} "
-            "(prepare the data again)"
+            "(prepare the data again, with --overwrite)"
         )
     return Manifest.from_json(obj)
 

@@ -18,15 +18,16 @@ from pathlib import Path
 
 from m3_jax.config import DataConfig
 from m3_jax.data.prepare import PrepareSettings, file_identity, input_datasets, prepare
-from m3_jax.data.prepared import PreparedSet, is_prepared
+from m3_jax.data.prepared import SCHEMA_VERSION, PreparedSet, is_prepared
 
 log = logging.getLogger(__name__)
 
 
 def entries(train_files: str | Sequence[str]) -> list[str]:
-    """`data.train_files` as a list of paths (one path or a sequence of them)."""
+    """`data.train_files` as a list of paths: a sequence of them, or one string of
+    comma-separated paths (what a `--config.data.train_files=a,b` override gives)."""
     if isinstance(train_files, str):
-        return [train_files] if train_files else []
+        return [p for p in train_files.split(",") if p]
     return [str(p) for p in train_files]
 
 
@@ -43,8 +44,10 @@ def prepare_settings(data: DataConfig, tokenizer_dir: str | os.PathLike) -> Prep
 
 
 def cache_key(entry: str, settings: PrepareSettings) -> str:
-    """sha256 of the entry's files (path, size, content) and the prepare settings."""
+    """sha256 of the entry's files (path, size, content), the prepare settings and the format
+    version."""
     identity = {
+        "schema_version": SCHEMA_VERSION,
         "files": [file_identity(d.file) for d in input_datasets([entry])],
         "settings": settings.to_json(),
     }

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from m3_jax import checkpoint, flops, sharding
 from m3_jax.config import PRESETS, ModelConfig, RunConfig
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
+from m3_jax.data.plan import BatchShape
 from m3_jax.data.sources import open_sources
 from m3_jax.loading import load_params
 from m3_jax.model import Params, abstract_params, graphdef
@@ -49,7 +50,6 @@ from m3_jax.training.step import StepConfig
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[ModelConfig, Params, Path], dict[str, float]]  # (config, params, tokenizer)
-BucketShape = tuple[int, int, int]  # (global queries, query length, passage length)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,7 +93,14 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     loss = dataclasses.replace(
         run.loss, num_shards=dp if run.loss.num_shards < 0 else run.loss.num_shards
     )
-    step_config = StepConfig(loss, run.train.sub_batch_size, run.train.dropout, data_shards=dp)
+
+    def step_config(in_batch_negatives: bool) -> StepConfig:
+        # Datasets from `*no_in_batch_neg` directories score each query on its own group only.
+        scored = dataclasses.replace(
+            loss, in_batch_negatives=loss.in_batch_negatives and in_batch_negatives
+        )
+        return StepConfig(scored, run.train.sub_batch_size, run.train.dropout, data_shards=dp)
+
     layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules)
     manager = checkpoint.make_manager(
         workdir / CHECKPOINT_DIR,
@@ -105,23 +112,25 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     )
     del host_params
 
-    # One program per bucket, compiled before the first step.
+    # One program per bucket shape, compiled before the first step.
     model = graphdef(model_config)
     with jax.set_mesh(mesh):
+        train_fns = {
+            flag: sharded.jit_train_step(model, tx, step_config(flag), layout, mesh)
+            for flag in {s.in_batch_negatives for s in loader.bucket_shapes()}
+        }
         compiled, compile_seconds = compile_buckets(
-            sharded.jit_train_step(model, tx, step_config, layout, mesh),
-            state,
-            loader.bucket_shapes(),
-            run.data.group_size,
-            run.data.knowledge_distillation,
-            show,
+            train_fns, state, loader.bucket_shapes(), run.data.knowledge_distillation, show
         )
-        eval_step = sharded.jit_eval_step(model, step_config, layout, mesh)
+        eval_steps = {
+            flag: sharded.jit_eval_step(model, step_config(flag), layout, mesh)
+            for flag in (False, True)
+        }
     summary: dict[str, Any] = {"compile_seconds": compile_seconds}
 
     writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
     evaluator = Evaluator(
-        run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_step, mesh, writer
+        run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_steps, mesh, writer
     )
     try:
         if evaluator.active and run.eval.before_training and int(state.step) == 0:
@@ -260,21 +269,22 @@ def resume_or_init(
 
 
 def compile_buckets(
-    step_fn,
+    step_fns: dict[bool, Any],
     state: TrainState,
-    shapes: list[BucketShape],
-    group_size: int,
+    shapes: list[BatchShape],
     teacher: bool,
     show: bool,
-) -> tuple[dict[BucketShape, Any], dict[str, float]]:
-    """Every bucket's compiled train step, and the seconds each took."""
+) -> tuple[dict[BatchShape, Any], dict[str, float]]:
+    """Every bucket shape's compiled train step (`step_fns[shape.in_batch_negatives]`), and the
+    seconds each took."""
     state_spec = jax.eval_shape(lambda s: s, state)
     compiled, seconds = {}, {}
     for shape in tqdm(shapes, desc="compile", disable=not show):
         start = time.perf_counter()
-        spec = sharded.batch_spec(shape, group_size, teacher)
+        spec = sharded.batch_spec(shape, teacher)
+        step_fn = step_fns[shape.in_batch_negatives]
         compiled[shape] = step_fn.lower(state_spec, spec, sharded.LR_SPEC).compile()
-        seconds[str(shape)] = round(time.perf_counter() - start, 2)
+        seconds[shape.label] = round(time.perf_counter() - start, 2)
     log.info("compiled %d bucket programs: %s", len(compiled), seconds)
     return compiled, seconds
 
@@ -287,7 +297,7 @@ class Evaluator:
     metrics.jsonl and offered to best/."""
 
     def __init__(
-        self, run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_step, mesh, writer
+        self, run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_steps, mesh, writer
     ):
         if eval_fn is not None and jax.process_count() > 1:
             # Retrieval evaluation places its corpus on this process's devices only.
@@ -297,7 +307,7 @@ class Evaluator:
             )
             eval_fn = None
         self.model_config, self.tokenizer_dir = model_config, tokenizer_dir
-        self.eval_fn, self.dev_loader, self.eval_step = eval_fn, dev_loader, eval_step
+        self.eval_fn, self.dev_loader, self.eval_steps = eval_fn, dev_loader, eval_steps
         self.mesh, self.writer = mesh, writer
         self.active = eval_fn is not None or dev_loader is not None
         workdir = Path(run.workdir)
@@ -312,7 +322,7 @@ class Evaluator:
         metrics = {}
         if self.dev_loader is not None:
             with jax.set_mesh(self.mesh):
-                metrics.update(dev_loss(self.eval_step, state, self.dev_loader, self.mesh))
+                metrics.update(dev_loss(self.eval_steps, state, self.dev_loader, self.mesh))
         if self.eval_fn is not None:
             metrics.update(self.eval_fn(self.model_config, state.params, self.tokenizer_dir))
         log.info("evaluation at step %d: %s", step, metrics)
@@ -324,12 +334,16 @@ class Evaluator:
         return metrics
 
 
-def dev_loss(eval_step: Any, state: Any, loader: TrainLoader, mesh: Mesh) -> dict[str, float]:
-    """Mean loss parts over one pass of the dev loader (no dropout, no update)."""
+def dev_loss(
+    eval_steps: dict[bool, Any], state: Any, loader: TrainLoader, mesh: Mesh
+) -> dict[str, float]:
+    """Mean loss parts over one pass of the dev loader (no dropout, no update);
+    `eval_steps[in_batch_negatives]` is the step for each kind of batch."""
     totals: dict[str, float] = {}
     count = 0
     layout = sharding.batch_sharding(mesh)
-    for _, host_batch in loader.iterate(LoaderPosition(), num_epochs=1):
+    for _, shape, host_batch in loader.iterate(LoaderPosition(), num_epochs=1):
+        eval_step = eval_steps[shape.in_batch_negatives]
         parts = jax.device_get(eval_step(state, to_global_batch(host_batch, layout)))
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -343,7 +357,7 @@ def dev_loss(eval_step: Any, state: Any, loader: TrainLoader, mesh: Mesh) -> dic
 def train_steps(
     run: RunConfig,
     state: TrainState,
-    compiled: dict[BucketShape, Any],
+    compiled: dict[BatchShape, Any],
     schedule: Callable[[int], float],
     loader: TrainLoader,
     start: LoaderPosition,
@@ -366,14 +380,9 @@ def train_steps(
     window: list[dict] = []
     window_start = time.perf_counter()
     try:
-        for position, host_batch in loader.iterate(start):
+        for position, shape, host_batch in loader.iterate(start):
             if step >= total_steps:
                 break
-            shape = (
-                host_batch["query_ids"].shape[0] * jax.process_count(),
-                host_batch["query_ids"].shape[1],
-                host_batch["passage_ids"].shape[1],
-            )
             batch = to_global_batch(host_batch, batch_layout)
             state, metrics = compiled[shape](state, batch, np.float32(schedule(step)))
             metrics = jax.device_get(metrics)
@@ -388,7 +397,7 @@ def train_steps(
             window.append({"shape": shape, **metrics})
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                record = summarize_window(window, elapsed, model_config, run.data.group_size, peak)
+                record = summarize_window(window, elapsed, model_config, peak)
                 if writer is not None:
                     writer.write(step, record)
                 progress.set_postfix(loss=f"{record['loss/loss']:.4f}")

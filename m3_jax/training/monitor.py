@@ -70,9 +70,10 @@ class StopSignal:
 
 
 def summarize_window(
-    window: list[dict], elapsed: float, model_config: ModelConfig, group_size: int, peak: float
+    window: list[dict], elapsed: float, model_config: ModelConfig, peak: float
 ) -> dict[str, float]:
-    """Mean loss parts over the window plus lr, grad norm, throughput and MFU."""
+    """Mean loss parts over the window plus lr, grad norm, throughput and MFU; each step's
+    "shape" is its `BatchShape`."""
     keys = [k for k in window[-1] if k.startswith("loss/")]
     out = {k: float(np.mean([w[k] for w in window])) for k in keys}
     out["lr"] = float(window[-1]["lr"])
@@ -81,7 +82,7 @@ def summarize_window(
     examples = sum(w["shape"][0] for w in window)
     padded: dict[int, int] = {}
     for w in window:
-        batch, q_len, p_len = w["shape"]
+        batch, q_len, p_len, group_size = w["shape"][:4]
         padded[q_len] = padded.get(q_len, 0) + batch * q_len
         padded[p_len] = padded.get(p_len, 0) + batch * group_size * p_len
     step_flops = flops.train_flops(model_config, padded, remat=model_config.remat)

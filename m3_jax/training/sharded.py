@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from m3_jax import sharding
 from m3_jax.config import ModelConfig
+from m3_jax.data.plan import BatchShape
 from m3_jax.model import Params, abstract_params, init_params
 from m3_jax.training.state import TrainState, abstract_state, init_state
 from m3_jax.training.step import StepConfig, eval_loss, train_step
@@ -97,11 +98,9 @@ def jit_eval_step(
 LR_SPEC = jax.ShapeDtypeStruct((), jnp.float32)  # train_step's learning-rate input
 
 
-def batch_spec(
-    shape: tuple[int, int, int], group_size: int, with_teacher: bool
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of bucket `shape` = (queries, query length, passage length)."""
-    batch, q_len, p_len = shape
+def batch_spec(shape: BatchShape, with_teacher: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of a bucket of static shape `shape`."""
+    batch, q_len, p_len, group_size = shape[:4]
     spec = {
         "query_ids": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
         "query_mask": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
