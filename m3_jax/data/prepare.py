@@ -19,6 +19,7 @@ other inputs or settings are refused unless `overwrite`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -293,7 +294,6 @@ class PieceWrite:
     record's bucket, and the shard files (its stored passages are those `passages_file` holds:
     their first occurrence is here)."""
 
-    piece: int
     scan_file: Path
     passages_file: Path
     passage_ids: np.ndarray
@@ -386,12 +386,103 @@ def prepare(
     progress: bool = True,
     staging_tag: str = "",
 ) -> PrepareResult:
-    """Prepares `inputs` into `out` (see the module docstring); returns its manifest.
+    """Prepares `inputs` into `out` (see the module docstring) in `num_workers` local
+    processes; returns its manifest.
 
     staging_tag: distinguishes the staging directories of processes that may prepare the same
     output at once (the hosts of a training run); the first to finish publishes it."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    job = begin(inputs, out, settings, overwrite, staging_tag)
+    if isinstance(job, PrepareResult):
+        return job
+    pieces = split_into_pieces(job.datasets, piece_bytes)
+    work = job.staging / WORK_DIR
+    sizes = [p.size for p in pieces]
+    with job.removing_staging_on_input_errors(), _pool(num_workers) as run:
+        _run_pending(run, _scan_task, pieces, work, "scan", settings, None, progress)
+        scans = [np.load(work_file(work, "scan", p)) for p in pieces]
+        ids, owned, bounds = _passage_ids(scans)
+        owned_of = [owned[bounds[i] : bounds[i + 1]] for i in range(len(pieces))]
+        _run_pending(run, _passages_task, pieces, work, "passages", settings, owned_of, progress)
+        stored = [np.load(work_file(work, "passages", p))["passage_lengths"] for p in pieces]
+        passage_lengths = np.zeros(int(owned.sum()), np.int64)
+        passage_lengths[ids[owned]] = np.concatenate(stored)
+        lengths = job.bucket_lengths
+        summarized = [
+            summarize_piece(
+                piece, scan, passage_lengths[ids[bounds[i] : bounds[i + 1]]], owned_of[i], lengths
+            )
+            for i, (piece, scan) in enumerate(zip(pieces, scans, strict=True))
+        ]
+        summaries = [summary for _, summary in summarized]
+        manifest = manifest_of(summaries, job.datasets, job.wanted)
+        shards = plan_shards(summaries, job.staging, lengths)
+        writes = [
+            PieceWrite(
+                work_file(work, "scan", piece),
+                work_file(work, "passages", piece),
+                ids[bounds[i] : bounds[i + 1]],
+                summarized[i][0],
+                *shards[i],
+            )
+            for i, piece in enumerate(pieces)
+        ]
+        _run_all(run, write_piece, writes, "writing", sizes, progress)
+    return job.finish(manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A prepare under way: its output, staging directory, datasets and what it must match."""
+
+    out: Path
+    staging: Path
+    datasets: list[InputDataset]
+    wanted: dict[str, Any]
+    overwrite: bool
+
+    @property
+    def bucket_lengths(self) -> tuple[int, ...]:
+        return tuple(self.wanted["settings"]["bucket_lengths"])
+
+    @contextlib.contextmanager
+    def removing_staging_on_input_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except InputError:
+            # Fixing the input changes it, so nothing staged could be reused.
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+
+    def finish(self, manifest: Manifest) -> PrepareResult:
+        """The TFDS metadata and the manifest, then the staging directory renamed to `out`."""
+        staging, out = self.staging, self.out
+        _write_metadata(staging, manifest)
+        shutil.rmtree(staging / WORK_DIR)
+        (staging / SETTINGS_FILE).unlink()
+        text = json.dumps(manifest.to_json(), indent=1)
+        (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
+        if out.exists() and self.overwrite:
+            shutil.rmtree(out)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if read_manifest(out) != manifest:
+                raise
+            shutil.rmtree(staging)  # another process published the same set first
+        return PrepareResult(manifest, out, already_prepared=False)
+
+
+def begin(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    settings: PrepareSettings,
+    overwrite: bool,
+    staging_tag: str = "",
+) -> Job | PrepareResult:
+    """The job of preparing `inputs` into `out`, with its staging directory open (a leftover of
+    the same job is continued); or the result, if `out` is that job's finished output."""
     out = Path(out)
     datasets = input_datasets(inputs)
     wanted = {
@@ -408,40 +499,8 @@ def prepare(
         raise FileExistsError(f"{out}: exists and is not a prepared set; choose another --out")
     staging = out.with_name(f"{out.name}.incomplete{staging_tag}")
     _open_staging(staging, {"schema_version": SCHEMA_VERSION, **wanted})
-    work = staging / WORK_DIR
-    pieces = split_into_pieces(datasets, piece_bytes)
-    try:
-        with _pool(num_workers) as run:
-            _run_pending(run, _scan_task, pieces, work, "scan", settings, None, progress)
-            scans = [np.load(_work_file(work, "scan", p)) for p in pieces]
-            ids, owned, bounds = _passage_ids(scans)
-            owned_of = [owned[bounds[i] : bounds[i + 1]] for i in range(len(pieces))]
-            _run_pending(
-                run, _passages_task, pieces, work, "passages", settings, owned_of, progress
-            )
-            arrays = [
-                {**scan, **np.load(_work_file(work, "passages", p))}
-                for scan, p in zip(scans, pieces, strict=True)
-            ]
-            plan, manifest = _plan(pieces, arrays, ids, owned, bounds, datasets, staging, wanted)
-            _run_all(run, write_piece, plan, "writing", [p.size for p in pieces], progress)
-    except InputError:
-        # Fixing the input changes it, so nothing staged could be reused.
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _write_metadata(staging, manifest)
-    shutil.rmtree(work)
-    (staging / SETTINGS_FILE).unlink()
-    (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=1), encoding="utf-8")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    try:
-        os.replace(staging, out)
-    except OSError:
-        if read_manifest(out) != manifest:
-            raise
-        shutil.rmtree(staging)  # another process published the same set first
-    return PrepareResult(manifest, out, already_prepared=False)
+    (staging / PASSAGES_DIR).mkdir(exist_ok=True)
+    return Job(out, staging, datasets, wanted, overwrite)
 
 
 def _differs(wanted: dict, have: dict) -> str:
@@ -466,15 +525,15 @@ def _open_staging(staging: Path, wanted: dict) -> None:
     settings_file.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
 
 
-def _work_file(work: Path, stage: str, piece: Piece) -> Path:
+def work_file(work: Path, stage: str, piece: Piece) -> Path:
     return work / f"{stage}-{piece.index:06d}.npz"
 
 
 def _run_pending(run, fn, pieces, work, stage, settings, owned_of, progress) -> None:
     """Runs `fn` on the pieces whose `stage` file is missing (finished ones survive a crash)."""
-    todo = [p for p in pieces if not _work_file(work, stage, p).is_file()]
+    todo = [p for p in pieces if not work_file(work, stage, p).is_file()]
     tasks = [
-        (p, settings, None if owned_of is None else owned_of[p.index], _work_file(work, stage, p))
+        (p, settings, None if owned_of is None else owned_of[p.index], work_file(work, stage, p))
         for p in todo
     ]
     what = {"scan": "reading", "passages": "tokenizing passages"}[stage]
@@ -555,100 +614,134 @@ def _passage_ids(scans) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, owned, bounds
 
 
-def _plan(
-    pieces, arrays, ids, owned, bounds, datasets, staging, wanted
-) -> tuple[list[PieceWrite], Manifest]:
+@dataclasses.dataclass(frozen=True)
+class PieceSummary:
+    """What the shard plan and the manifest need from one piece once its passages' ids and
+    lengths are known: per bucket index [examples, longest query, longest passage], the fewest
+    negatives of a record (None: no records), the FlagEmbedding fields ([values, FILE:LINE] of
+    each distinct value), the first records lacking negatives / scores, and the passages it
+    owns (first occurrences) with their tokens."""
+
+    piece: int
+    dataset: int
+    buckets: dict[int, list[int]]
+    min_negatives: int | None
+    fields: list
+    lacking: dict[str, str]
+    passages: int
+    query_tokens: int
+    passage_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PieceSummary:
+        return cls(**{**obj, "buckets": {int(k): v for k, v in obj["buckets"].items()}})
+
+
+def summarize_piece(
+    piece: Piece,
+    scan: dict[str, np.ndarray],
+    local_lengths: np.ndarray,
+    owned: np.ndarray,
+    lengths: Sequence[int],
+) -> tuple[np.ndarray, PieceSummary]:
+    """(each record's bucket index, the piece's summary), given the token length of each of
+    its distinct passages (`local_lengths`, in `scan_piece`'s key order) and which of them it
+    owns. A record's bucket holds its longest passage (FlagEmbedding's split_data_by_length)."""
+    counts = scan["pos_counts"] + scan["neg_counts"]
+    if len(counts):
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        longest = np.maximum.reduceat(local_lengths[scan["refs"]], starts)
+    else:
+        longest = np.zeros(0, np.int64)
+    buckets = bucket_index(longest, lengths)
+    queries = scan["query_lengths"]
+    summary = PieceSummary(
+        piece=piece.index,
+        dataset=piece.dataset,
+        buckets={
+            int(b): [
+                int((buckets == b).sum()),
+                int(queries[buckets == b].max()),
+                int(longest[buckets == b].max()),
+            ]
+            for b in np.unique(buckets)
+        },
+        min_negatives=int(scan["neg_counts"].min()) if len(counts) else None,
+        fields=json.loads(str(scan["fields"])),
+        lacking=json.loads(str(scan["lacking"])),
+        passages=int(owned.sum()),
+        query_tokens=int(queries.sum()),
+        passage_tokens=int(local_lengths[owned].sum()),
+    )
+    return buckets, summary
+
+
+def plan_shards(
+    summaries: Sequence[PieceSummary], staging: Path, lengths: Sequence[int]
+) -> list[tuple[Path | None, dict[int, Path]]]:
+    """For each piece: its passage shard (None if it owns no passage) and its example shard of
+    each bucket it has records in; each split's shards are its pieces', in piece order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for s in summaries:
+        for bucket in sorted(s.buckets):
+            groups.setdefault((s.dataset, bucket), []).append(s.piece)
+    owners = [s.piece for s in summaries if s.passages]
+    passages_root = staging / PASSAGES_DIR
+    out = []
+    for s in summaries:
+        shards = {}
+        for bucket in sorted(s.buckets):
+            members = groups[(s.dataset, bucket)]
+            split = split_name(s.dataset, lengths[bucket])
+            shards[bucket] = _shard_file(
+                staging, EXAMPLES_NAME, split, members.index(s.piece), len(members)
+            )
+        passage_shard = None
+        if s.passages:
+            index = owners.index(s.piece)
+            passage_shard = _shard_file(
+                passages_root, PASSAGES_NAME, PASSAGES_SPLIT, index, len(owners)
+            )
+        out.append((passage_shard, shards))
+    return out
+
+
+def manifest_of(
+    summaries: Sequence[PieceSummary], datasets: Sequence[InputDataset], wanted: dict
+) -> Manifest:
     settings = wanted["settings"]
     lengths = tuple(settings["bucket_lengths"])
-    num_passages = int(owned.sum())
-    passage_lengths = np.zeros(num_passages, np.int64)
-    passage_lengths[ids[owned]] = np.concatenate([a["passage_lengths"] for a in arrays])
-    longest = [
-        _longest_passages(a, ids[bounds[i] : bounds[i + 1]], passage_lengths)
-        for i, a in enumerate(arrays)
-    ]
-    example_buckets = [bucket_index(x, lengths) for x in longest]
-    passage_pieces = [i for i in range(len(pieces)) if owned[bounds[i] : bounds[i + 1]].any()]
-    passages_root = staging / PASSAGES_DIR
-    passages_root.mkdir(exist_ok=True)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, piece in enumerate(pieces):
-        for bucket in np.unique(example_buckets[i]):
-            groups.setdefault((piece.dataset, int(bucket)), []).append(i)
-    plan = []
-    for i, piece in enumerate(pieces):
-        shards = {}
-        for (d, bucket), members in groups.items():
-            if d == piece.dataset and i in members:
-                split = split_name(d, lengths[bucket])
-                shards[bucket] = _shard_file(
-                    staging, EXAMPLES_NAME, split, members.index(i), len(members)
-                )
-        passage_shard = None
-        if i in passage_pieces:
-            passage_shard = _shard_file(
-                passages_root,
-                PASSAGES_NAME,
-                PASSAGES_SPLIT,
-                passage_pieces.index(i),
-                len(passage_pieces),
-            )
-        plan.append(
-            PieceWrite(
-                i,
-                _work_file(staging / WORK_DIR, "scan", piece),
-                _work_file(staging / WORK_DIR, "passages", piece),
-                ids[bounds[i] : bounds[i + 1]],
-                example_buckets[i],
-                passage_shard,
-                shards,
-            )
-        )
-    manifest = Manifest(
+    return Manifest(
         schema_version=SCHEMA_VERSION,
         settings=settings,
         inputs=tuple(wanted["inputs"]),
         datasets=tuple(
-            _dataset_entry(d, dataset, pieces, arrays, example_buckets, longest, lengths)
+            _dataset_entry(d, dataset, [s for s in summaries if s.dataset == d], lengths)
             for d, dataset in enumerate(datasets)
         ),
-        passages=num_passages,
-        query_tokens=int(sum(a["query_lengths"].sum() for a in arrays)),
-        passage_tokens=int(passage_lengths.sum()),
+        passages=sum(s.passages for s in summaries),
+        query_tokens=sum(s.query_tokens for s in summaries),
+        passage_tokens=sum(s.passage_tokens for s in summaries),
     )
-    return plan, manifest
-
-
-def _longest_passages(
-    arrays: dict[str, np.ndarray], piece_ids: np.ndarray, passage_lengths: np.ndarray
-) -> np.ndarray:
-    """[records of the piece] the token length of each record's longest passage."""
-    counts = arrays["pos_counts"] + arrays["neg_counts"]
-    if len(counts) == 0:
-        return np.zeros(0, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return np.maximum.reduceat(passage_lengths[piece_ids[arrays["refs"]]], starts)
 
 
 def _dataset_entry(
-    d: int,
-    dataset: InputDataset,
-    pieces: Sequence[Piece],
-    arrays: Sequence[dict[str, np.ndarray]],
-    example_buckets: Sequence[np.ndarray],
-    longest_passages: Sequence[np.ndarray],
-    lengths: Sequence[int],
+    d: int, dataset: InputDataset, members: Sequence[PieceSummary], lengths: Sequence[int]
 ) -> PreparedDataset:
-    members = [i for i, p in enumerate(pieces) if p.dataset == d]
-    buckets_of = np.concatenate([example_buckets[i] for i in members])
-    if len(buckets_of) == 0:
+    """The manifest entry of dataset `d` from the summaries of its pieces (in piece order)."""
+    negatives = [s.min_negatives for s in members if s.min_negatives is not None]
+    if not negatives:
         raise InputError(f"{dataset.file}: no records (every line is blank)")
-    queries_of = np.concatenate([arrays[i]["query_lengths"] for i in members])
-    longest = np.concatenate([longest_passages[i] for i in members])
     fields: dict[tuple, str] = {}
-    for i in members:
-        for values, where in json.loads(str(arrays[i]["fields"])):
+    lacking: dict[str, str] = {}
+    for s in members:
+        for values, where in s.fields:
             fields.setdefault(tuple(values), where)
+        for what, where in s.lacking.items():
+            lacking.setdefault(what, where)
     if len(fields) > 1:
         (first, where_a), (second, where_b) = list(fields.items())[:2]
         raise InputError(
@@ -656,35 +749,31 @@ def _dataset_entry(
             f"{list(first)}; every record of a dataset must agree on them"
         )
     record_type, batch_size, group_size = next(iter(fields)) if fields else (None, None, None)
-    lacking: dict[str, str] = {}
-    for i in members:
-        for what, where in json.loads(str(arrays[i]["lacking"])).items():
-            lacking.setdefault(what, where)
     buckets = []
     for b, length in enumerate(lengths):
-        rows = buckets_of == b
-        if rows.any():
+        parts = [s.buckets[b] for s in members if b in s.buckets]
+        if parts:
             buckets.append(
                 PreparedBucket(
                     passage_len=int(length),
                     split=split_name(d, length),
-                    examples=int(rows.sum()),
-                    max_query_len=int(queries_of[rows].max()),
-                    max_passage_len=int(longest[rows].max()),
+                    examples=sum(p[0] for p in parts),
+                    max_query_len=max(p[1] for p in parts),
+                    max_passage_len=max(p[2] for p in parts),
                 )
             )
     return PreparedDataset(
         index=d,
         source=str(dataset.file.absolute()),
         directory=None if dataset.directory is None else str(dataset.directory.absolute()),
-        records=int(len(buckets_of)),
+        records=sum(b.examples for b in buckets),
         no_in_batch_neg=dataset.no_in_batch_neg,
         first_without_neg=lacking.get("neg"),
         first_without_scores=lacking.get("scores"),
         type=record_type,
         batch_size=batch_size,
         train_group_size=group_size,
-        min_negatives=int(np.concatenate([arrays[i]["neg_counts"] for i in members]).min()),
+        min_negatives=min(negatives),
         buckets=tuple(buckets),
     )
 
