@@ -3,6 +3,7 @@
     m3-jax data prepare data/train.jsonl --tokenizer checkpoints/bge-m3 --out data/prepared
     m3-jax data prepare data/en data/zh data/mldr_no_in_batch_neg --tokenizer DIR --out DIR \\
         --num-workers 8
+    m3-jax data prepare data/pairs --tokenizer DIR --out DIR --beam='--runner=FlinkRunner ...'
 
 Each input file, and each .jsonl/.json file of an input directory, is one dataset (every training
 batch comes from one dataset, as in FlagEmbedding). The output is a TFDS dataset in ArrayRecord files that `data.train_files`
@@ -12,11 +13,13 @@ takes; rerunning an interrupted command continues it, and rerunning a finished o
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
 from m3_jax.cli.common import add_subcommands
 from m3_jax.data.prepare import PrepareResult, PrepareSettings, prepare
+from m3_jax.data.prepare_beam import prepare_with_beam
 from m3_jax.data.prepared import PASSAGES_DIR
 
 
@@ -52,6 +55,15 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers", type=int, default=1, help="processes tokenizing and writing in parallel"
     )
     parser.add_argument(
+        "--beam",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="OPTIONS",
+        help="run on Apache Beam (the beam extra) with these pipeline options, e.g. "
+        "--beam='--runner=DataflowRunner --project=P ...'; --beam alone: the DirectRunner",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an output prepared from other inputs or settings",
@@ -69,14 +81,23 @@ def run_prepare(args: argparse.Namespace) -> int:
         instruction_format=args.instruction_format,
     )
     start = time.perf_counter()
-    result = prepare(
-        args.inputs,
-        args.out,
-        settings,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    if args.beam is not None:
+        result = prepare_with_beam(
+            args.inputs,
+            args.out,
+            settings,
+            beam_args=shlex.split(args.beam),
+            overwrite=args.overwrite,
+        )
+    else:
+        result = prepare(
+            args.inputs,
+            args.out,
+            settings,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     if result.already_prepared:
         print(f"{result.out}: already prepared from these inputs and settings; nothing to do")
         return 0

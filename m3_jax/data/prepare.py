@@ -11,6 +11,9 @@ The stages, each over line-aligned pieces of about `piece_bytes` of the inputs, 
 3. write: each example's bucket from its longest passage; each worker serializes its piece's
    passages and examples into ArrayRecord shards; then the TFDS metadata and `manifest.json`.
 
+`prepare_beam.prepare_with_beam` runs the same stages on Apache Beam, with stage 2's passage
+numbering as a Beam shuffle instead of one in-memory array, and writes the same output.
+
 Everything is written under `OUT.incomplete/` and renamed to OUT at the end, so OUT is never
 half-written. Rerunning the same command after a crash keeps the finished pieces and shards;
 other inputs or settings are refused unless `overwrite`.
@@ -278,7 +281,7 @@ def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[in
     return out
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as f:
         np.savez(f, **arrays)
@@ -290,16 +293,34 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PieceWrite:
-    """What stage 3 writes for one piece: the global id of each of its distinct passages, each
-    record's bucket, and the shard files (its stored passages are those `passages_file` holds:
-    their first occurrence is here)."""
+    """What stage 3 writes for one piece: its records (`scan_file`), the passages it stores
+    (`passages_file`: those whose first occurrence is here), the global id of each of its
+    distinct passages and each record's bucket (`refs_file`, see `save_refs`), and the shard
+    files."""
 
     scan_file: Path
     passages_file: Path
-    passage_ids: np.ndarray
-    example_buckets: np.ndarray
+    refs_file: Path
     passage_shard: Path | None
     example_shards: dict[int, Path]  # bucket index -> shard file
+
+
+def save_refs(work: Path, piece: Piece, passage_ids: np.ndarray, buckets: np.ndarray) -> None:
+    """The global id of each of the piece's distinct passages and each record's bucket index."""
+    arrays = {"passage_ids": passage_ids, "example_buckets": buckets}
+    save_npz(work_file(work, "refs", piece), arrays)
+
+
+def piece_write(
+    work: Path, piece: Piece, passage_shard: Path | None, example_shards: dict[int, Path]
+) -> PieceWrite:
+    return PieceWrite(
+        work_file(work, "scan", piece),
+        work_file(work, "passages", piece),
+        work_file(work, "refs", piece),
+        passage_shard,
+        example_shards,
+    )
 
 
 def _first_occurrence_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -351,11 +372,12 @@ def write_piece(task: PieceWrite) -> None:
     q_offsets = np.concatenate([[0], np.cumsum(q_lengths)])
     counts = arrays["pos_counts"] + arrays["neg_counts"]
     r_offsets = np.concatenate([[0], np.cumsum(counts)])
-    ids = task.passage_ids[arrays["refs"]]
+    refs = np.load(task.refs_file)
+    ids, example_buckets = refs["passage_ids"][arrays["refs"]], refs["example_buckets"]
     scores, has_scores, pos_counts = arrays["scores"], arrays["has_scores"], arrays["pos_counts"]
 
     def examples(bucket: int) -> Iterator[bytes]:
-        for row in np.flatnonzero(task.example_buckets == bucket):
+        for row in np.flatnonzero(example_buckets == bucket):
             a, b, n_pos = r_offsets[row], r_offsets[row + 1], pos_counts[row]
             row_scores = scores[a:b] if has_scores[row] else np.zeros(0, np.float32)
             yield features.serialize_example(
@@ -418,16 +440,9 @@ def prepare(
         summaries = [summary for _, summary in summarized]
         manifest = manifest_of(summaries, job.datasets, job.wanted)
         shards = plan_shards(summaries, job.staging, lengths)
-        writes = [
-            PieceWrite(
-                work_file(work, "scan", piece),
-                work_file(work, "passages", piece),
-                ids[bounds[i] : bounds[i + 1]],
-                summarized[i][0],
-                *shards[i],
-            )
-            for i, piece in enumerate(pieces)
-        ]
+        for i, piece in enumerate(pieces):
+            save_refs(work, piece, ids[bounds[i] : bounds[i + 1]], summarized[i][0])
+        writes = [piece_write(work, piece, *shards[i]) for i, piece in enumerate(pieces)]
         _run_all(run, write_piece, writes, "writing", sizes, progress)
     return job.finish(manifest)
 
@@ -525,8 +540,8 @@ def _open_staging(staging: Path, wanted: dict) -> None:
     settings_file.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
 
 
-def work_file(work: Path, stage: str, piece: Piece) -> Path:
-    return work / f"{stage}-{piece.index:06d}.npz"
+def work_file(work: Path, stage: str, piece: Piece, suffix: str = ".npz") -> Path:
+    return work / f"{stage}-{piece.index:06d}{suffix}"
 
 
 def _run_pending(run, fn, pieces, work, stage, settings, owned_of, progress) -> None:
@@ -543,7 +558,7 @@ def _run_pending(run, fn, pieces, work, stage, settings, owned_of, progress) -> 
 _WORKER_TOKENIZER: dict[str, Any] = {}
 
 
-def _worker_tokenizer(path: str) -> Any:
+def worker_tokenizer(path: str) -> Any:
     if path not in _WORKER_TOKENIZER:
         _WORKER_TOKENIZER[path] = load_tokenizer(path)
     return _WORKER_TOKENIZER[path]
@@ -551,13 +566,13 @@ def _worker_tokenizer(path: str) -> Any:
 
 def _scan_task(task) -> None:
     piece, settings, _, target = task
-    _save_npz(target, scan_piece(piece, _worker_tokenizer(settings.tokenizer), settings))
+    save_npz(target, scan_piece(piece, worker_tokenizer(settings.tokenizer), settings))
 
 
 def _passages_task(task) -> None:
     piece, settings, owned, target = task
-    tokenizer = _worker_tokenizer(settings.tokenizer)
-    _save_npz(target, tokenize_passages(piece, owned, tokenizer, settings))
+    tokenizer = worker_tokenizer(settings.tokenizer)
+    save_npz(target, tokenize_passages(piece, owned, tokenizer, settings))
 
 
 class _pool:
