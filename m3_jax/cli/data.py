@@ -82,6 +82,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     if args.beam is not None:
+        if args.num_workers != 1:
+            raise ValueError(
+                "--num-workers is the local prepare's; with --beam the runner's options set the "
+                "parallelism (e.g. --beam='--direct_num_workers=16 "
+                "--direct_running_mode=multi_processing')"
+            )
         result = prepare_with_beam(
             args.inputs,
             args.out,
