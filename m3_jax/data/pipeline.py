@@ -153,6 +153,9 @@ class TrainLoader:
         row r's passages are rows r*G .. r*G+G-1 and the first is its positive; with teacher
         scores, teacher_scores: [b, G] float32. Padding is on the right with the pad id.
         """
+        return self._shaped_batch(position)[1]
+
+    def _shaped_batch(self, position: LoaderPosition) -> tuple[BatchShape, HostBatch]:
         position = self.normalize(position)
         bucket, index, batch = self._bucket_of(position)
         d = self.data
@@ -188,7 +191,7 @@ class TrainLoader:
         )
         if d.knowledge_distillation:
             batch_arrays["teacher_scores"] = np.stack(scores).astype(np.float32)
-        return batch_arrays
+        return bucket.shape, batch_arrays
 
     def _read_examples(self, bucket: TrainBucket, positions: np.ndarray) -> list[dict]:
         which, indices = bucket.locate(positions)
@@ -202,9 +205,8 @@ class TrainLoader:
         return examples
 
     def _item(self, epoch: int, step: int) -> tuple[LoaderPosition, BatchShape, HostBatch]:
-        position = LoaderPosition(epoch, step)
-        batch = self.host_batch(position)
-        return self.normalize(LoaderPosition(epoch, step + 1)), self.batch_shape(position), batch
+        shape, batch = self._shaped_batch(LoaderPosition(epoch, step))
+        return self.normalize(LoaderPosition(epoch, step + 1)), shape, batch
 
     def iterate(
         self, start: LoaderPosition = LoaderPosition(), num_epochs: int | None = None

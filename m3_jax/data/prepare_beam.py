@@ -22,6 +22,7 @@ from the pieces whose work files exist, as the local prepare does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -104,26 +105,24 @@ def prepare_with_beam(
     return job.finish(manifest)
 
 
-class raising_input_errors:
+@contextlib.contextmanager
+def raising_input_errors() -> Iterator[None]:
     """Beam re-raises a worker's exception wrapped in its own; a bad input line is still an
     InputError (one `error:` line naming file, line and field)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is None or isinstance(error, InputError):
-            return False
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:
         cause: BaseException | None = error
         while cause is not None:
             if isinstance(cause, InputError):
                 raise InputError(str(cause)) from None
             cause = cause.__cause__ or cause.__context__
-        message = str(error)
         marker = "InputError: "
-        if marker in message:  # runners that pass the worker's traceback as text
-            raise InputError(message.split(marker, 1)[1].splitlines()[0]) from None
-        return False
+        if marker in str(error):  # runners that pass the worker's traceback as text
+            raise InputError(str(error).split(marker, 1)[1].splitlines()[0]) from None
+        raise
 
 
 def _index_pipeline(
@@ -146,11 +145,16 @@ def _index_pipeline(
         | "ByOwner" >> beam.Map(lambda kv: (kv[1][0], (kv[1][1], kv[0])))
         | "GroupOwned" >> beam.GroupByKey()
     )
-    counts = owned | "OwnedCounts" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
+    offsets = (
+        owned
+        | "OwnedCounts" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
+        | "AllCounts" >> beam.combiners.ToList()
+        | "Offsets" >> beam.Map(_first_ids)
+    )
     by_index = {p.index: p for p in pieces}
     numbered = owned | "NumberAndTokenize" >> beam.FlatMap(
         _number_and_tokenize,
-        counts=beam.pvalue.AsDict(counts),
+        offsets=beam.pvalue.AsSingleton(offsets),
         pieces=by_index,
         work=work,
         settings=settings,
@@ -184,9 +188,17 @@ def _piece_keys(piece: Piece, work: Path) -> Iterator[tuple[bytes, tuple[int, in
         yield key.tobytes(), (piece.index, local)
 
 
+def _first_ids(counts: list[tuple[int, int]]) -> dict[int, int]:
+    """The first id of each owning piece: the passages owned by all earlier pieces."""
+    offsets, total = {}, 0
+    for piece, count in sorted(counts):
+        offsets[piece], total = total, total + count
+    return offsets
+
+
 def _number_and_tokenize(
     owned: tuple[int, Any],
-    counts: dict[int, int],
+    offsets: dict[int, int],
     pieces: dict[int, Piece],
     work: Path,
     settings: PrepareSettings,
@@ -197,7 +209,7 @@ def _number_and_tokenize(
     index, members = owned
     piece = pieces[index]
     local_keys = sorted(members)
-    offset = sum(c for other, c in counts.items() if other < index)
+    offset = offsets[index]
     num_local = len(np.load(work_file(work, "scan", piece))["passage_keys"])
     mask = np.zeros(num_local, bool)
     mask[[local for local, _ in local_keys]] = True
