@@ -17,7 +17,7 @@ from m3_jax.data.plan import (
     flag_embedding_batch_size,
     plan_buckets,
 )
-from m3_jax.data.prepared import Manifest, PreparedBucket, PreparedDataset
+from m3_jax.data.prepared import SCHEMA_VERSION, Manifest, PreparedBucket, PreparedDataset
 from m3_jax.input_files import InputError
 
 
@@ -96,7 +96,7 @@ def prepared_dataset(d: int, buckets: list[tuple[int, int, int, int]], **fields)
 def manifest(*datasets: list[tuple[int, int, int, int]] | PreparedDataset) -> Manifest:
     """A manifest of datasets, each a PreparedDataset or its buckets (see prepared_dataset)."""
     return Manifest(
-        schema_version=2,
+        schema_version=SCHEMA_VERSION,
         settings={},
         inputs=(),
         datasets=tuple(

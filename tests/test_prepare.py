@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from demo_runs import ROOT
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from m3_jax.bucketing import TRAINING_LENGTHS
 from m3_jax.cli.main import main as cli_main
 from m3_jax.data import prepare as prepare_module
 from m3_jax.data.prepare import PrepareSettings, prepare
-from m3_jax.data.prepared import read_manifest
+from m3_jax.data.prepared import example_features, passage_features, read_manifest, serialize
 from m3_jax.input_files import InputError
+from m3_jax.tokenization import save_backend, tokenize
 
 TOKENIZER = ROOT / "train/demo_data/tokenizer"
 DEMO = ROOT / "train/demo_data/train.jsonl"
@@ -62,6 +64,42 @@ def read_back(out: Path) -> dict[str, list[dict]]:
 
 def canonical(resolved: dict[str, list[dict]]) -> dict[str, list[str]]:
     return {k: sorted(json.dumps(r) for r in v) for k, v in resolved.items()}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokenize_and_the_saved_backend_give_the_transformers_ids(tmp_path, demo_rows, side):
+    """What prepare's workers load (`save_backend`) and `tokenize` (the backend called directly)
+    give transformers' own ids, truncated on the tokenizer's side."""
+    tok = AutoTokenizer.from_pretrained(TOKENIZER, truncation_side=side)
+    texts = [r["query"] for r in demo_rows[:20]] + [p for r in demo_rows[:20] for p in r["neg"]]
+    save_backend(tok, tmp_path / "tokenizer.json")
+    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for max_length in (24, 12, 3):
+        want = [
+            list(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]
+        ]
+        assert any(len(ids) == max_length for ids in want)
+        assert tokenize(tok, texts, max_length) == want
+        assert tokenize(saved, texts, max_length) == want
+        # transformers' own calls still see their settings after ours changed the backend's
+        untruncated = tok(texts)["input_ids"]
+        assert max(map(len, untruncated)) > max_length
+
+
+def test_serialize_writes_the_bytes_of_tfds_own_serializer():
+    rng = np.random.default_rng(0)
+    examples, passages = example_features(), passage_features()
+    for _ in range(50):
+        example = {
+            "query_ids": rng.integers(0, 250_000, rng.integers(1, 30)).astype(np.int32),
+            "pos": rng.integers(0, 10**9, rng.integers(1, 3)),
+            "neg": rng.integers(0, 10**9, rng.integers(0, 8)),
+            "pos_scores": rng.normal(size=rng.integers(0, 2)).astype(np.float32),
+            "neg_scores": rng.normal(size=rng.integers(0, 8)).astype(np.float32),
+        }
+        assert serialize(examples, example) == examples.serialize_example(example)
+        passage = {"ids": rng.integers(0, 250_000, rng.integers(0, 700)).astype(np.int32)}
+        assert serialize(passages, passage) == passages.serialize_example(passage)
 
 
 def test_read_back_with_plain_tfds_equals_the_tokenizer(tmp_path, demo_rows):
@@ -152,6 +190,15 @@ def test_restart_keeps_finished_pieces_and_finished_output_is_a_no_op(
     assert again.already_prepared and not calls and again.manifest == result.manifest
     prepare([data], tmp_path / "fresh", settings(), piece_bytes=50_000, progress=False)
     assert canonical(read_back(out)) == canonical(read_back(tmp_path / "fresh"))
+    # A leftover cut into other pieces is discarded, not mixed into the new pieces' work.
+    calls.clear()
+    killed.clear()
+    with pytest.raises(Killed):
+        prepare([data], tmp_path / "recut", settings(), piece_bytes=50_000, progress=False)
+    calls.clear()
+    prepare([data], tmp_path / "recut", settings(), piece_bytes=30_000, progress=False)
+    assert calls[:3] == [0, 1, 2], "every piece of the new cut is tokenized"
+    assert canonical(read_back(tmp_path / "recut")) == canonical(read_back(out))
 
 
 def test_other_settings_or_inputs_are_refused_unless_overwrite(tmp_path, demo_rows):

@@ -4,13 +4,17 @@
     python tools/benchmark_data.py --sizes 20000,200000
 
 For each N it writes N synthetic FlagEmbedding records (a query of 5-15 words, 1 positive and 7
-negatives drawn from a corpus of 2N passages of 50-300 words, teacher scores), then measures:
+negatives drawn from a corpus of 2N passages of 50-300 words, `--passage-words`; teacher
+scores), then measures:
 
-- the bare tokenizer on the same distinct texts, one core (the reference);
+- the bare tokenizer on the distinct texts of the first 20k records, one core (the reference):
+  the transformers call, and its Rust backend called directly (what prepare calls, without
+  converting each encoding to Python dicts);
 - `m3-jax data prepare` with 1 and 2 workers: tokens/s, and the ratios to the tokenizer and to
   one worker;
-- the demo config trained for 2 steps on the prepared set, in a fresh process: wall time and
-  peak memory (what grows with the data is the difference to the smallest N);
+- the demo config trained for 2 steps on the prepared set, in a fresh process: wall time with a
+  cold compilation cache and with a warm one, and peak memory (what grows with the data is the
+  difference to the smallest N; a cold start also compiles one program per length bucket used);
 - the loader alone: host batches/s over 50 batches.
 
 Token counts are those of the distinct texts (queries and passages), as prepared.
@@ -19,8 +23,10 @@ Token counts are those of the distinct texts (queries and passages), as prepared
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +43,7 @@ from m3_jax.config import RunConfig  # noqa: E402
 from m3_jax.data.pipeline import TrainLoader  # noqa: E402
 from m3_jax.data.prepare import PrepareSettings, prepare  # noqa: E402
 from m3_jax.data.prepared import PreparedSet  # noqa: E402
-from m3_jax.tokenization import load_tokenizer  # noqa: E402
+from m3_jax.tokenization import load_tokenizer, tokenize  # noqa: E402
 
 TOKENIZER = ROOT / "train/demo_data/tokenizer"
 WORDS = [
@@ -46,14 +52,14 @@ WORDS = [
 ]
 
 
-def write_records(path: Path, n: int, seed: int = 0) -> None:
+def write_records(path: Path, n: int, words: tuple[int, int], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     corpus_size = 2 * n  # each passage is referenced 4.5 times on average
 
     def text(lo: int, hi: int) -> str:
         return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(lo, hi))))
 
-    corpus = [text(50, 300) for _ in range(corpus_size)]
+    corpus = [text(*words) for _ in range(corpus_size)]
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
             picks = rng.choice(corpus_size, 8, replace=False)
@@ -67,21 +73,34 @@ def write_records(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def bare_tokenizer_tokens_per_s(path: Path) -> tuple[float, int]:
-    """One core, the same distinct texts and max lengths as prepare."""
+def bare_tokenizer_tokens_per_s(path: Path, records: int = 20_000) -> tuple[float, float]:
+    """One core, the distinct texts of the first `records` records (a rate per token, which the
+    data's size does not change) and prepare's max lengths, in batches of 1024: (tokens/s of the
+    transformers call `tokenizer(texts, truncation=True, max_length=...)`, tokens/s of its Rust
+    backend called directly, as `m3_jax.tokenization.tokenize` does)."""
     tokenizer = load_tokenizer(TOKENIZER)
     queries, passages = [], set()
-    for line in path.open(encoding="utf-8"):
+    for line in itertools.islice(path.open(encoding="utf-8"), records):
         row = json.loads(line)
         queries.append(row["query"])
         passages.update(row["pos"] + row["neg"])
-    start = time.perf_counter()
-    tokens = 0
-    for texts, limit in ((queries, 512), (sorted(passages), 8192)):
-        for i in range(0, len(texts), 1024):
-            ids = tokenizer(texts[i : i + 1024], truncation=True, max_length=limit)["input_ids"]
-            tokens += sum(len(x) for x in ids)
-    return tokens / (time.perf_counter() - start), tokens
+    work = ((queries, 512), (sorted(passages), 8192))
+
+    def transformers_call(texts, limit):
+        return tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+
+    def backend_call(texts, limit):
+        return tokenize(tokenizer, texts, limit)
+
+    rates = []
+    for call in (transformers_call, backend_call):
+        start = time.perf_counter()
+        tokens = 0
+        for texts, limit in work:
+            for i in range(0, len(texts), 1024):
+                tokens += sum(len(x) for x in call(texts[i : i + 1024], limit))
+        rates.append(tokens / (time.perf_counter() - start))
+    return rates[0], rates[1]
 
 
 def prepare_tokens_per_s(path: Path, out: Path, workers: int) -> tuple[float, object]:
@@ -93,8 +112,10 @@ def prepare_tokens_per_s(path: Path, out: Path, workers: int) -> tuple[float, ob
     return (m.query_tokens + m.passage_tokens) / seconds, m
 
 
-def train_start(prepared: Path, work: Path) -> tuple[float, float]:
-    """(seconds, peak MiB) of the demo config trained for 2 steps, in a fresh process."""
+def train_start(prepared: Path, work: Path, xla_cache: Path) -> tuple[float, float]:
+    """(seconds, peak MiB) of the demo config trained for 2 steps in `work` (a new run), in a
+    fresh process."""
+    shutil.rmtree(work, ignore_errors=True)
     command = [
         sys.executable,
         str(ROOT / "train/main.py"),
@@ -106,8 +127,7 @@ def train_start(prepared: Path, work: Path) -> tuple[float, float]:
         "--config.train.peak_flops_per_s=1e11",
         "--config.eval.heldout_file=",
         f"--config.model.tokenizer={TOKENIZER}",
-        # A cache of its own: every N compiles cold, so the start-ups compare.
-        f"--config.train.compilation_cache_dir={work.with_name(work.name + '-xla')}",
+        f"--config.train.compilation_cache_dir={xla_cache}",
     ]
     # A fresh parent whose only child is the run, so that its children's peak RSS is the run's.
     measure = (
@@ -139,34 +159,45 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="20000,200000,2000000", help="record counts")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
+    parser.add_argument(
+        "--passage-words", default="50,300", help="passage lengths in words: MIN,MAX (exclusive)"
+    )
     args = parser.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per tokenizer, as in the workers
     root = args.workdir or Path(tempfile.mkdtemp(prefix="m3_bench_data_"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        path = root / f"train-{n}.jsonl"
-        write_records(path, n)
-        bare, _ = bare_tokenizer_tokens_per_s(path)
+        words = tuple(int(x) for x in args.passage_words.split(","))
+        path = root / f"train-{n}-w{words[0]}-{words[1]}.jsonl"
+        write_records(path, n, words)
+        bare, rust = bare_tokenizer_tokens_per_s(path)
         one, manifest = prepare_tokens_per_s(path, root / f"prepared-{n}-w1", 1)
         two, _ = prepare_tokens_per_s(path, root / f"prepared-{n}-w2", 2)
-        start_s, peak_mib = train_start(root / f"prepared-{n}-w1", root / f"run-{n}")
+        # A compilation cache of each N's own: the first start compiles cold, the second finds
+        # every program cached (what start-up costs apart from compiling).
+        xla_cache = root / f"xla-{n}"
+        shutil.rmtree(xla_cache, ignore_errors=True)
+        cold_s, cold_peak = train_start(root / f"prepared-{n}-w1", root / f"run-{n}", xla_cache)
+        warm_s, warm_peak = train_start(root / f"prepared-{n}-w1", root / f"run-{n}", xla_cache)
         batches = loader_batches_per_s(root / f"prepared-{n}-w1")
-        rows.append((n, manifest.passages, bare, one, two, start_s, peak_mib, batches))
+        peak_mib = max(cold_peak, warm_peak)
+        rows.append((n, manifest.passages, bare, rust, one, two, cold_s, warm_s, peak_mib, batches))
         print_table(rows)
 
 
 def print_table(rows) -> None:
     head = (
-        f"{'records':>9} {'passages':>9} {'tokenizer tok/s':>16} {'prepare 1w':>11} "
-        f"{'1w/tok':>7} {'prepare 2w':>11} {'2w/1w':>6} {'start s':>8} {'peak MiB':>9} "
-        f"{'batches/s':>10}"
+        f"{'records':>9} {'passages':>9} {'tokenizer tok/s':>16} {'rust tok/s':>11} "
+        f"{'prepare 1w':>11} {'1w/tok':>7} {'1w/rust':>8} {'prepare 2w':>11} {'2w/1w':>6} "
+        f"{'start s':>8} {'warm s':>7} {'peak MiB':>9} {'batches/s':>10}"
     )
     print(head)
-    for n, passages, bare, one, two, start_s, peak, batches in rows:
+    for n, passages, bare, rust, one, two, cold_s, warm_s, peak, batches in rows:
         print(
-            f"{n:>9} {passages:>9} {bare:>16.0f} {one:>11.0f} {one / bare:>7.2f} {two:>11.0f} "
-            f"{two / one:>6.2f} {start_s:>8.1f} {peak:>9.0f} {batches:>10.1f}"
+            f"{n:>9} {passages:>9} {bare:>16.0f} {rust:>11.0f} {one:>11.0f} {one / bare:>7.2f} "
+            f"{one / rust:>8.2f} {two:>11.0f} {two / one:>6.2f} {cold_s:>8.1f} {warm_s:>7.1f} "
+            f"{peak:>9.0f} {batches:>10.1f}"
         )
     sys.stdout.flush()
 

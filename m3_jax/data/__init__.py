@@ -1,28 +1,24 @@
 """Training data: preparing jsonl into TFDS / ArrayRecord sets, the lazy batch plan, group
 sampling and the grain input pipeline."""
 
-from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
-from m3_jax.data.plan import BatchSizing, TrainBucket, plan_buckets
-from m3_jax.data.prepare import PrepareSettings
-from m3_jax.data.prepared import Manifest, PreparedSet, read_manifest
-from m3_jax.data.records import Record, iter_records
-from m3_jax.data.sampler import apply_instructions, sample_group
-from m3_jax.data.sources import open_sources
+from m3_jax.lazy_exports import lazy_exports
 
-__all__ = [
-    "BatchSizing",
-    "LoaderPosition",
-    "Manifest",
-    "PrepareSettings",
-    "PreparedSet",
-    "Record",
-    "TrainBucket",
-    "TrainLoader",
-    "apply_instructions",
-    "iter_records",
-    "open_sources",
-    "plan_buckets",
-    "read_manifest",
-    "sample_group",
-    "to_global_batch",
-]
+_EXPORTS = {
+    "BatchSizing": "m3_jax.data.plan",
+    "LoaderPosition": "m3_jax.data.pipeline",
+    "Manifest": "m3_jax.data.prepared",
+    "PrepareSettings": "m3_jax.data.prepare",
+    "PreparedSet": "m3_jax.data.prepared",
+    "Record": "m3_jax.data.records",
+    "TrainBucket": "m3_jax.data.plan",
+    "TrainLoader": "m3_jax.data.pipeline",
+    "apply_instructions": "m3_jax.data.sampler",
+    "iter_records": "m3_jax.data.records",
+    "open_sources": "m3_jax.data.sources",
+    "plan_buckets": "m3_jax.data.plan",
+    "read_manifest": "m3_jax.data.prepared",
+    "sample_group": "m3_jax.data.sampler",
+    "to_global_batch": "m3_jax.data.pipeline",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

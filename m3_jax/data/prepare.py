@@ -1,7 +1,8 @@
 """Prepare FlagEmbedding jsonl training data once: validate, tokenize, deduplicate passages,
 bucket by length, and write the TFDS / ArrayRecord set that training reads (`prepared.py`).
 
-The stages, each over line-aligned pieces of about `piece_bytes` of the inputs, in
+The stages, each over line-aligned pieces of the inputs (`piece_bytes`; by default 1/64 of
+them, between 1 and 32 MiB, so that small inputs still spread evenly over the workers), in
 `num_workers` processes:
 
 1. scan: a worker validates every record of a piece (file:line:field errors), applies the
@@ -31,7 +32,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from m3_jax.bucketing import TRAINING_LENGTHS, bucket_index, lengths_up_to
@@ -59,18 +61,22 @@ from m3_jax.data.prepared import (
     flat,
     passage_features,
     read_manifest,
+    serialize,
     split_name,
     tokenizer_fingerprint,
 )
 from m3_jax.data.records import Record, data_files, iter_records
 from m3_jax.data.sampler import apply_instructions
 from m3_jax.input_files import InputError, line_aligned_pieces
-from m3_jax.tokenization import load_tokenizer, tokenize
+from m3_jax.tokenization import load_tokenizer, save_backend, tokenize
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 WORK_DIR = "work"
+# The tokenizer's `tokenizers` backend, saved once by the driver: workers load it in a fraction of
+# a second, without importing transformers.
+TOKENIZER_FILE = "tokenizer.json"
 FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 # One record per ArrayRecord chunk: the loader reads records at random.
 ARRAY_RECORD_OPTIONS = "group_size:1"
@@ -177,6 +183,13 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def default_piece_bytes(datasets: Sequence[InputDataset]) -> int:
+    """A 64th of the inputs, between 1 and 32 MiB: enough pieces to keep every worker busy to
+    the end, few enough that per-piece costs (a shard per bucket, work files) stay small."""
+    total = sum(d.file.stat().st_size for d in datasets)
+    return int(np.clip(total // 64, 1 << 20, 32 << 20))
+
+
 def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> list[Piece]:
     pieces: list[Piece] = []
     for d, dataset in enumerate(datasets):
@@ -192,9 +205,9 @@ def split_into_pieces(datasets: Sequence[InputDataset], piece_bytes: int) -> lis
 # Stage 1: tokenize one piece ------------------------------------------------------------------
 
 
-def text_key(text: str) -> bytes:
-    """The 128-bit identity of a passage text (after its instruction)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+def text_key(encoded: bytes) -> bytes:
+    """The 128-bit identity of a passage's UTF-8 text (after its instruction)."""
+    return hashlib.blake2b(encoded, digest_size=16).digest()
 
 
 def record_texts(record: Record, data: DataConfig) -> tuple[str, list[str]]:
@@ -207,7 +220,8 @@ def record_texts(record: Record, data: DataConfig) -> tuple[str, list[str]]:
 def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[str, np.ndarray]:
     """The piece's records as flat arrays: queries' token ids, each record's passage references
     (into the piece's distinct passages, positives first), teacher scores, and the distinct
-    passages' keys. Passages are tokenized later, once over all pieces (`tokenize_passages`)."""
+    passages' keys and UTF-8 texts. Passages are tokenized later, once over all pieces
+    (`tokenize_passages`), from these texts: the records are parsed and validated once."""
     data = settings.data_config()
     queries: list[str] = []
     refs: list[int] = []
@@ -216,6 +230,7 @@ def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[
     scores: list[float] = []
     has_scores: list[bool] = []
     keys: dict[bytes, int] = {}
+    texts_of_keys: list[bytes] = []
     fields: dict[tuple[Any, ...], str] = {}
     lacking: dict[str, str] = {}  # "neg" / "scores" -> the first record without them
     for record in iter_records(piece.file, piece.byte_range, piece.first_line):
@@ -225,7 +240,13 @@ def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[
             lacking.setdefault("neg", where)
         query, texts = record_texts(record, data)
         queries.append(query)
-        refs.extend(keys.setdefault(text_key(text), len(keys)) for text in texts)
+        for text in texts:
+            encoded = text.encode("utf-8")
+            key = text_key(encoded)
+            if key not in keys:
+                keys[key] = len(keys)
+                texts_of_keys.append(encoded)
+            refs.append(keys[key])
         pos_counts.append(len(record.pos))
         neg_counts.append(len(record.neg))
         scored = record.pos_scores is not None and (record.neg_scores is not None or not record.neg)
@@ -249,27 +270,22 @@ def scan_piece(piece: Piece, tokenizer: Any, settings: PrepareSettings) -> dict[
         "scores": np.asarray(scores, np.float32),
         "has_scores": np.asarray(has_scores, bool),
         "passage_keys": np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16),
+        "passage_texts": np.frombuffer(b"".join(texts_of_keys), np.uint8),
+        "passage_text_bytes": np.fromiter(map(len, texts_of_keys), np.int64, len(keys)),
         "fields": np.asarray(json.dumps([[list(k), w] for k, w in fields.items()])),
         "lacking": np.asarray(json.dumps(lacking)),
     }
 
 
 def tokenize_passages(
-    piece: Piece, owned: np.ndarray, tokenizer: Any, settings: PrepareSettings
+    scan: Mapping[str, np.ndarray], owned: np.ndarray, tokenizer: Any, settings: PrepareSettings
 ) -> dict[str, np.ndarray]:
-    """Token ids of the piece's distinct passages marked in `owned` (those whose first
-    occurrence over all pieces is here), in the order of `scan_piece`'s keys."""
-    data = settings.data_config()
-    keys: dict[bytes, int] = {}
-    stored: list[str] = []
-    for record in iter_records(piece.file, piece.byte_range, piece.first_line):
-        _, passages = record_texts(record, data)
-        for text in passages:
-            key = text_key(text)
-            if key not in keys:
-                if owned[len(keys)]:
-                    stored.append(text)
-                keys[key] = len(keys)
+    """Token ids of a piece's distinct passages marked in `owned` (those whose first occurrence
+    over all pieces is here), in the order of `scan_piece`'s keys; `scan`: its arrays."""
+    blob = scan["passage_texts"].tobytes()
+    ends = np.cumsum(scan["passage_text_bytes"])
+    starts = ends - scan["passage_text_bytes"]
+    stored = [blob[a:b].decode("utf-8") for a, b in zip(starts[owned], ends[owned], strict=True)]
     values, lengths = flat(_tokenize(tokenizer, stored, settings.passage_max_len), np.int32)
     return {"passage_values": values, "passage_lengths": lengths}
 
@@ -363,7 +379,7 @@ def write_piece(task: PieceWrite) -> None:
         _write_records(
             task.passage_shard,
             (
-                features.serialize_example({"ids": values[offsets[i] : offsets[i + 1]]})
+                serialize(features, {"ids": values[offsets[i] : offsets[i + 1]]})
                 for i in range(len(lengths))
             ),
         )
@@ -380,14 +396,15 @@ def write_piece(task: PieceWrite) -> None:
         for row in np.flatnonzero(example_buckets == bucket):
             a, b, n_pos = r_offsets[row], r_offsets[row + 1], pos_counts[row]
             row_scores = scores[a:b] if has_scores[row] else np.zeros(0, np.float32)
-            yield features.serialize_example(
+            yield serialize(
+                features,
                 {
                     "query_ids": q_values[q_offsets[row] : q_offsets[row + 1]],
                     "pos": ids[a : a + n_pos],
                     "neg": ids[a + n_pos : b],
                     "pos_scores": row_scores[:n_pos],
                     "neg_scores": row_scores[n_pos:],
-                }
+                },
             )
 
     for bucket, path in task.example_shards.items():
@@ -404,7 +421,7 @@ def prepare(
     *,
     num_workers: int = 1,
     overwrite: bool = False,
-    piece_bytes: int = 32 << 20,
+    piece_bytes: int | None = None,
     progress: bool = True,
     staging_tag: str = "",
 ) -> PrepareResult:
@@ -415,10 +432,10 @@ def prepare(
     output at once (the hosts of a training run); the first to finish publishes it."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-    job = begin(inputs, out, settings, overwrite, staging_tag)
+    job = begin(inputs, out, settings, overwrite, piece_bytes, staging_tag)
     if isinstance(job, PrepareResult):
         return job
-    pieces = split_into_pieces(job.datasets, piece_bytes)
+    pieces = job.pieces
     work = job.staging / WORK_DIR
     sizes = [p.size for p in pieces]
     with job.removing_staging_on_input_errors(), _pool(num_workers) as run:
@@ -449,11 +466,13 @@ def prepare(
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """A prepare under way: its output, staging directory, datasets and what it must match."""
+    """A prepare under way: its output, staging directory, datasets, their pieces and what the
+    output must match."""
 
     out: Path
     staging: Path
     datasets: list[InputDataset]
+    pieces: list[Piece]
     wanted: dict[str, Any]
     overwrite: bool
 
@@ -494,10 +513,12 @@ def begin(
     out: str | os.PathLike,
     settings: PrepareSettings,
     overwrite: bool,
+    piece_bytes: int | None = None,
     staging_tag: str = "",
 ) -> Job | PrepareResult:
     """The job of preparing `inputs` into `out`, with its staging directory open (a leftover of
-    the same job is continued); or the result, if `out` is that job's finished output."""
+    the same job, pieces included, is continued); or the result, if `out` is that job's
+    finished output. `piece_bytes`: see `default_piece_bytes`."""
     out = Path(out)
     datasets = input_datasets(inputs)
     wanted = {
@@ -513,9 +534,17 @@ def begin(
     if out.exists() and not overwrite and not (out / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists and is not a prepared set; choose another --out")
     staging = out.with_name(f"{out.name}.incomplete{staging_tag}")
-    _open_staging(staging, {"schema_version": SCHEMA_VERSION, **wanted})
+    piece_bytes = piece_bytes or default_piece_bytes(datasets)
+    # Work files are per piece: a leftover cut into other pieces cannot be continued.
+    _open_staging(staging, {"schema_version": SCHEMA_VERSION, "piece_bytes": piece_bytes, **wanted})
     (staging / PASSAGES_DIR).mkdir(exist_ok=True)
-    return Job(out, staging, datasets, wanted, overwrite)
+    tokenizer_file = staging / WORK_DIR / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        partial = tokenizer_file.with_name(TOKENIZER_FILE + ".partial")
+        save_backend(load_tokenizer(settings.tokenizer), partial)
+        os.replace(partial, tokenizer_file)
+    pieces = split_into_pieces(datasets, piece_bytes)
+    return Job(out, staging, datasets, pieces, wanted, overwrite)
 
 
 def _differs(wanted: dict, have: dict) -> str:
@@ -547,32 +576,35 @@ def work_file(work: Path, stage: str, piece: Piece, suffix: str = ".npz") -> Pat
 def _run_pending(run, fn, pieces, work, stage, settings, owned_of, progress) -> None:
     """Runs `fn` on the pieces whose `stage` file is missing (finished ones survive a crash)."""
     todo = [p for p in pieces if not work_file(work, stage, p).is_file()]
-    tasks = [
-        (p, settings, None if owned_of is None else owned_of[p.index], work_file(work, stage, p))
-        for p in todo
-    ]
+    tasks = [(p, settings, None if owned_of is None else owned_of[p.index], work) for p in todo]
     what = {"scan": "reading", "passages": "tokenizing passages"}[stage]
     _run_all(run, fn, tasks, what, [p.size for p in todo], progress)
 
 
-_WORKER_TOKENIZER: dict[str, Any] = {}
+def worker_tokenizer(work: Path) -> Tokenizer:
+    """The job's tokenizer (`begin` saved it in the work directory), loaded once per process
+    and version of the file (a discarded staging directory's successor may hold another)."""
+    file = work / TOKENIZER_FILE
+    stat = file.stat()
+    return _load_backend(str(file), stat.st_mtime_ns, stat.st_size)
 
 
-def worker_tokenizer(path: str) -> Any:
-    if path not in _WORKER_TOKENIZER:
-        _WORKER_TOKENIZER[path] = load_tokenizer(path)
-    return _WORKER_TOKENIZER[path]
+@functools.lru_cache(maxsize=4)
+def _load_backend(file: str, mtime_ns: int, size: int) -> Tokenizer:
+    return Tokenizer.from_file(file)
 
 
 def _scan_task(task) -> None:
-    piece, settings, _, target = task
-    save_npz(target, scan_piece(piece, worker_tokenizer(settings.tokenizer), settings))
+    piece, settings, _, work = task
+    arrays = scan_piece(piece, worker_tokenizer(work), settings)
+    save_npz(work_file(work, "scan", piece), arrays)
 
 
 def _passages_task(task) -> None:
-    piece, settings, owned, target = task
-    tokenizer = worker_tokenizer(settings.tokenizer)
-    save_npz(target, tokenize_passages(piece, owned, tokenizer, settings))
+    piece, settings, owned, work = task
+    scan = np.load(work_file(work, "scan", piece))
+    arrays = tokenize_passages(scan, owned, worker_tokenizer(work), settings)
+    save_npz(work_file(work, "passages", piece), arrays)
 
 
 class _pool:

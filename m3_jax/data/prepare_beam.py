@@ -15,9 +15,9 @@ by first occurrence. Here that is a Beam shuffle, so no machine holds more than 
     driver      TFDS metadata (`tfds.folder_dataset.write_metadata`), manifest, rename
 
 Ids, buckets and shards are those of the local `prepare`, so the output is the same set, shard
-for shard. Every worker reads the inputs and the tokenizer and writes under OUT.incomplete/, so
-they must be paths all workers see (a shared or FUSE-mounted file system). A rerun continues
-from the pieces whose work files exist, as the local prepare does.
+for shard. Every worker reads the inputs and writes under OUT.incomplete/ (where the driver
+saved the tokenizer), so they must be paths all workers see (a shared or FUSE-mounted file
+system). A rerun continues from the pieces whose work files exist, as the local prepare does.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from m3_jax.data.prepare import (
     save_npz,
     save_refs,
     scan_piece,
-    split_into_pieces,
     summarize_piece,
     tokenize_passages,
     work_file,
@@ -73,16 +72,16 @@ def prepare_with_beam(
     *,
     beam_args: Sequence[str] = (),
     overwrite: bool = False,
-    piece_bytes: int = 32 << 20,
+    piece_bytes: int | None = None,
 ) -> PrepareResult:
     """Prepares `inputs` into `out` like `prepare`, running the stages as Beam pipelines
     configured by `beam_args` (Beam's command-line options, e.g. `--runner=DataflowRunner
     --project=P --region=R --temp_location=gs://...`; the DirectRunner by default)."""
     require_beam()
-    job = begin(inputs, out, settings, overwrite)
+    job = begin(inputs, out, settings, overwrite, piece_bytes)
     if isinstance(job, PrepareResult):
         return job
-    pieces = split_into_pieces(job.datasets, piece_bytes)
+    pieces = job.pieces
     work = job.staging / WORK_DIR
     options = PipelineOptions(list(beam_args))
     with job.removing_staging_on_input_errors():
@@ -176,7 +175,7 @@ def _index_pipeline(
 def _scan(piece: Piece, work: Path, settings: PrepareSettings) -> Piece:
     target = work_file(work, "scan", piece)
     if not target.is_file():  # finished before a restart
-        tokenizer = worker_tokenizer(settings.tokenizer)
+        tokenizer = worker_tokenizer(work)
         save_npz(target, scan_piece(piece, tokenizer, settings))
     return piece
 
@@ -210,13 +209,13 @@ def _number_and_tokenize(
     piece = pieces[index]
     local_keys = sorted(members)
     offset = offsets[index]
-    num_local = len(np.load(work_file(work, "scan", piece))["passage_keys"])
-    mask = np.zeros(num_local, bool)
+    scan = np.load(work_file(work, "scan", piece))
+    mask = np.zeros(len(scan["passage_keys"]), bool)
     mask[[local for local, _ in local_keys]] = True
     target = work_file(work, "passages", piece)
     if not target.is_file():
-        tokenizer = worker_tokenizer(settings.tokenizer)
-        save_npz(target, tokenize_passages(piece, mask, tokenizer, settings))
+        tokenizer = worker_tokenizer(work)
+        save_npz(target, tokenize_passages(scan, mask, tokenizer, settings))
     lengths = np.load(target)["passage_lengths"]
     for rank, ((_, key), length) in enumerate(zip(local_keys, lengths, strict=True)):
         yield key, (offset + rank, int(length), index)

@@ -13,7 +13,9 @@ random access. A prepared directory holds two TFDS datasets, each readable with 
 An example is `query_ids` (token ids, with <s> and </s>, instruction included, truncated to the
 prepared `query_max_len`), `pos` and `neg` (passage ids) and `pos_scores` / `neg_scores`
 (teacher scores, empty when the record has none). A passage is `ids`, truncated to the prepared
-`passage_max_len`. Token ids are stored flat per text (TFDS ragged tensors: values and length).
+`passage_max_len`. Each variable-length field is a TFDS tensor of shape `(None,)` stored as its
+raw little-endian bytes (`Encoding.BYTES`): 7x faster to serialize than varint int64 lists, and
+faster to read back; TFDS decodes it to a numpy array.
 
 Each input file, and each file of an input directory, is one dataset (FlagEmbedding trains every
 batch from one dataset). An example's length bucket is the smallest of `bucket_lengths` that holds its
@@ -34,8 +36,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 PASSAGES_DIR = "passages"
 PASSAGES_SPLIT = "train"
@@ -52,22 +55,41 @@ TOKENIZER_FINGERPRINT_FILES = (
 )
 
 
-def example_features():
+def _ragged(dtype: Any) -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=(None,), dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+
+
+def example_features() -> tfds.features.FeaturesDict:
     """The TFDS features of an example (one dict for every examples split)."""
-    ragged = tfds.features.Tensor
     return tfds.features.FeaturesDict(
         {
-            "query_ids": ragged(shape=(None,), dtype=np.int32),
-            "pos": ragged(shape=(None,), dtype=np.int64),
-            "neg": ragged(shape=(None,), dtype=np.int64),
-            "pos_scores": ragged(shape=(None,), dtype=np.float32),
-            "neg_scores": ragged(shape=(None,), dtype=np.float32),
+            "query_ids": _ragged(np.int32),
+            "pos": _ragged(np.int64),
+            "neg": _ragged(np.int64),
+            "pos_scores": _ragged(np.float32),
+            "neg_scores": _ragged(np.float32),
         }
     )
 
 
-def passage_features():
-    return tfds.features.FeaturesDict({"ids": tfds.features.Tensor(shape=(None,), dtype=np.int32)})
+def passage_features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({"ids": _ragged(np.int32)})
+
+
+def serialize(features: tfds.features.FeaturesDict, values: dict[str, np.ndarray]) -> bytes:
+    """`features.serialize_example(values)`, byte for byte, for these features only (every
+    field a 1-D `Encoding.BYTES` tensor: a tf.train.Example of one bytes_list per field), at a
+    third of the cost: TFDS's generic per-record encoding is most of the write stage."""
+    fields = {
+        name: tf_feature_pb2.Feature(
+            bytes_list=tf_feature_pb2.BytesList(
+                value=[np.asarray(values[name], feature.np_dtype).tobytes()]
+            )
+        )
+        for name, feature in features.items()
+    }
+    example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=fields))
+    return example.SerializeToString()
 
 
 def split_name(dataset: int, bucket_length: int) -> str:
