@@ -83,7 +83,7 @@ def test_every_option_is_listed_with_its_default():
 def test_train_help_lists_config_keys_with_defaults(capsys):
     assert main(["train", "--config", str(ROOT / "configs/demo_cpu.py"), "--help"]) == 0
     text = capsys.readouterr().out
-    assert "--config.train.num_steps=1200" in text and "--config.optim.lr=0.001" in text
+    assert "--config.train.num_steps=1200" in text and "--config.optim.lr=0.003" in text
 
 
 def test_console_script_entry_point():
