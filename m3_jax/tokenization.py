@@ -79,7 +79,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list
     `tokenizer` is a transformers fast tokenizer or its `tokenizers.Tokenizer` backend (what a
     data-preparation worker loads, see `save_backend`). The backend is called directly: the ids
     of `tokenizer(texts, truncation=True, max_length=max_length)`, without converting every
-    encoding into Python dicts first (about a tenth of the tokenizing time)."""
+    encoding into Python dicts first, and callable where transformers is not imported."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     side = getattr(tokenizer, "truncation_side", None)
     direction = side or (backend.truncation or {}).get("direction", "right")
