@@ -1,18 +1,25 @@
 """A tiny M3 model trained from scratch on the bundled synthetic data: minutes on 2 CPU cores.
 
 python train/main.py --config configs/demo_cpu.py
+
+The bundled data and tokenizer are found from this file, so the command runs from any directory
+(with the config's path from there); the run directory, runs/demo_cpu, is relative to where it runs.
 """
 
+from pathlib import Path
+
 from configs import base
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "train" / "demo_data"
 
 
 def get_config(arg: str | None = None) -> "base.ConfigDict":
     c = base.get_config(arg)
     c.workdir = "runs/demo_cpu"
-    c.model.tokenizer = "train/demo_data/tokenizer"
+    c.model.tokenizer = str(DEMO_DATA / "tokenizer")
     c.model.preset = "tiny"
     c.model.geometry.max_position_embeddings = 514
-    c.data.train_files = "train/demo_data/train.jsonl"
+    c.data.train_files = str(DEMO_DATA / "train.jsonl")
     c.data.group_size = 4
     c.data.query_max_len = 32
     c.data.passage_max_len = 512
@@ -29,6 +36,6 @@ def get_config(arg: str | None = None) -> "base.ConfigDict":
     c.train.num_steps = 1200
     c.train.log_every = 100
     c.train.save_every = 200
-    c.eval.heldout_file = "train/demo_data/heldout.jsonl"
-    c.eval.corpus_file = "train/demo_data/heldout_corpus.jsonl"
+    c.eval.heldout_file = str(DEMO_DATA / "heldout.jsonl")
+    c.eval.corpus_file = str(DEMO_DATA / "heldout_corpus.jsonl")
     return c

@@ -9,11 +9,15 @@ A model directory (what `convert from-pytorch`, a run's `export/` and `best/` ar
 A training run directory (`workdir`):
     checkpoints/STEP/state   orbax checkpoint of the train state (params, optimizer, step, rng)
     checkpoints/STEP/loader  the data loader position (JSON)
+    unreadable_checkpoints/STEP  checkpoints that failed to restore while an older one did,
+                             moved here on resume (kept for inspection; safe to delete)
     model_info/              m3_jax_config.json + tokenizer files, written when the run starts,
                              so that any checkpoint converts without the training config
     export/                  model directory of the final params
     best/                    model directory of the best evaluated params (when evaluating)
-    metrics.jsonl, summary.json, tensorboard/
+    metrics.jsonl            one JSON object per logged step and per evaluation
+    summary.json             final step, losses, evaluations, best step, export path, timings
+    tensorboard/             the same metrics as TensorBoard events (with tensorboardX)
 
 Params are always read into float32 host numpy arrays (orbax partial restore with
 `restore_type=np.ndarray`): a checkpoint written by a sharded run is assembled once on the host
@@ -46,6 +50,7 @@ BEST_INFO = "best.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 LOADER_ITEM = "loader"
+UNREADABLE_DIR = "unreadable_checkpoints"
 RUN_INFO_DIR = "model_info"
 EXPORT_DIR = "export"
 BEST_DIR = "best"
@@ -69,7 +74,8 @@ def copy_tokenizer_files(src: str | os.PathLike, out: str | os.PathLike) -> list
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(out) / name)
+            # Contents only: the copy gets the user's umask, not the source's mode.
+            shutil.copyfile(Path(src) / name, Path(out) / name)
             copied.append(name)
     if not copied:
         raise FileNotFoundError(f"{src}: no tokenizer files found (looked for {TOKENIZER_FILES})")

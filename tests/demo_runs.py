@@ -35,7 +35,6 @@ def demo_config(workdir: Path, train_file: Path, cache: Path):
     c.train.compilation_cache_dir = str(cache)
     c.train.peak_flops_per_s = 1e11
     c.eval.heldout_file = ""
-    c.model.tokenizer = str(ROOT / c.model.tokenizer)
     return c
 
 

@@ -146,3 +146,12 @@ def test_heldout(tmp_path):
     write_lines(heldout, [{"query_id": "q", "query": "text", "qrels": {"a": "high"}}])
     with pytest.raises(InputError, match="h.jsonl:1: field 'qrels' must map doc ids to integers"):
         load_heldout(heldout, corpus)
+
+
+def test_shipped_demo_beir_directory_is_the_heldout_set():
+    demo = Path(__file__).resolve().parents[1] / "train/demo_data"
+    heldout = load_heldout(demo / "heldout.jsonl", demo / "heldout_corpus.jsonl")
+    beir = load_dataset(demo / "heldout_beir")
+    assert len(beir.query_ids) == 200
+    for field in ("doc_ids", "doc_texts", "query_ids", "query_texts", "qrels"):
+        assert getattr(beir, field) == getattr(heldout, field), field

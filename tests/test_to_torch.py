@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import jax
@@ -187,6 +189,20 @@ def test_fp32_heads_bin_file_and_sentence_transformers_files(root, model_dir):
     assert pooling["word_embedding_dimension"] == config.hidden_size
     st = json.loads((out / "sentence_bert_config.json").read_text())
     assert st["max_seq_length"] == config.max_length == 256
+
+
+def test_export_gets_the_users_umask_not_private_modes(root, model_dir):
+    """A serving container or a colleague reads the export: modes are what mkdir / open give."""
+    old = os.umask(0o022)
+    try:
+        out = convert_to_pytorch(model_dir, root / "modes", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files
+    ]
 
 
 def test_sentence_transformers_gives_the_dense_embedding(root, model_dir, tokenizer_dir):

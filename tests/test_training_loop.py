@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from demo_runs import NUM_STEPS, ROOT, SAVE_EVERY, demo_config, overrides
 
-from m3_jax import sharding
+from m3_jax.checkpoint import CheckpointError
 from m3_jax.config import RunConfig
 from m3_jax.input_files import InputError
 from m3_jax.loading import load_params
@@ -102,15 +104,66 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(
         wait_for_checkpoint(tmp_path / "run", step, proc)
         os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode != 0
-        # SIGTERM arrives at step 4 or later and saves the step it stops at.
-        assert (b"stopped by signal" in err) == (sig == signal.SIGTERM)
+        assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig)
+        # SIGTERM arrives at step 4 or later and saves the step it stops at, then says how to
+        # resume: the command as it was run.
+        resume = f"to resume, rerun: python {shlex.join(command[1:])}".encode()
+        assert (b"stopped by SIGTERM after saving step" in err) == (sig == signal.SIGTERM)
+        assert (resume in err) == (sig == signal.SIGTERM)
         assert (b"resumed from step" in err) == (sig == signal.SIGKILL)
         assert not (tmp_path / "run" / "export").exists()
     with caplog.at_level(logging.INFO, logger="m3_jax.training.loop"):
         summary = train(RunConfig.from_config_dict(c))
     assert "resumed from step 8" in caplog.text and summary["final_step"] == NUM_STEPS
     assert_bitwise_equal(export_params(tmp_path / "run"), export_params(uninterrupted[0]))
+
+
+def copy_of_run(run: Path, out: Path) -> Path:
+    """A copy of a finished run without its export, so that finishing it again exports."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "export")
+    return out
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def largest_array_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["array file", "metadata"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(
+    tmp_path, caplog, train_file, cache, uninterrupted, damage
+):
+    """A finished checkpoint with a truncated file does not restore: the run says so, sets it
+    aside, resumes from the step before and ends with the uninterrupted run's params."""
+    run = copy_of_run(uninterrupted[0], tmp_path / "run")
+    newest = run / "checkpoints" / str(NUM_STEPS)
+    truncate(largest_array_file(newest) if damage == "array file" else newest / "state/_METADATA")
+    with caplog.at_level(logging.INFO, logger="m3_jax"):
+        summary = train(RunConfig.from_config_dict(demo_config(run, train_file, cache)))
+    assert f"checkpoint {newest} does not restore" in caplog.text
+    assert f"resumed from step {NUM_STEPS - SAVE_EVERY}" in caplog.text
+    assert (run / "unreadable_checkpoints" / str(NUM_STEPS) / "state").is_dir()
+    assert summary["final_step"] == NUM_STEPS
+    assert_bitwise_equal(export_params(run), export_params(uninterrupted[0]))
+
+
+@pytest.mark.slow
+def test_resume_with_no_restorable_checkpoint_is_one_error(
+    tmp_path, train_file, cache, uninterrupted
+):
+    run = copy_of_run(uninterrupted[0], tmp_path / "run")
+    for step in range(SAVE_EVERY, NUM_STEPS + 1, SAVE_EVERY):
+        truncate(run / "checkpoints" / str(step) / "state/_METADATA")
+    pattern = rf"no checkpoint in {run / 'checkpoints'} restores \(step {NUM_STEPS}: .*workdir"
+    with pytest.raises(CheckpointError, match=pattern):
+        train(RunConfig.from_config_dict(demo_config(run, train_file, cache)))
+    assert not (run / "unreadable_checkpoints").exists()  # nothing moved: settings may be the cause
 
 
 def test_malformed_data_fails_before_writing(tmp_path, cache):
@@ -202,10 +255,15 @@ def test_resume_with_another_batch_plan_names_the_change(tmp_path, train_file, c
     c.data.passage_max_len = 128  # one bucket to compile
     c.train.num_steps = c.train.save_every = 2
     train(RunConfig.from_config_dict(c))
-    c.train.num_steps = 4
-    c.data.batch_multiple = 16  # other batch sizes: (epoch, step) would name other batches
-    with pytest.raises(ValueError, match="the checkpoint's batch plan .* differs"):
-        train(RunConfig.from_config_dict(c))
+    saved = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    # Other batch sizes: (epoch, step) would name other batches. Through the command line.
+    command = [*main_command(c), "--config.train.num_steps=4", "--config.data.batch_multiple=16"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume: the checkpoint's batch plan differs"), last
+    assert "changed settings: data.batch_multiple -1 -> 16" in last
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == saved
 
 
 def test_plan_check_hints_at_batch_multiple_when_devices_change():
@@ -215,13 +273,17 @@ def test_plan_check_hints_at_batch_multiple_when_devices_change():
         def bucket_shapes(self):
             return [(12, 32, 128)]
 
-    mesh = sharding.make_mesh(1, 4, 1, devices=jax.devices()[:4])
+    settings = {"data.batch_multiple": -1, "seed": 0, "data_parallel_size": 4}
     saved = {
         "epoch": 0,
         "step": 1,
-        "plan": {"bucket_shapes": [[16, 32, 128]], "data_parallel_size": 8},
+        "plan": {
+            "bucket_shapes": [[16, 32, 128]],
+            "data_parallel_size": 8,
+            "settings": {**settings, "data_parallel_size": 8},
+        },
     }
-    with pytest.raises(ValueError, match="batch_multiple=8"):
-        check_same_plan(saved, FakeLoader(), mesh)
+    with pytest.raises(ValueError, match="data_parallel_size 8 -> 4.*batch_multiple=8"):
+        check_same_plan(saved, FakeLoader(), settings)
     saved["plan"]["bucket_shapes"] = [[12, 32, 128]]
-    check_same_plan(saved, FakeLoader(), mesh)  # same batches: resuming on 4 devices is fine
+    check_same_plan(saved, FakeLoader(), settings)  # same batches: resuming on 4 devices is fine

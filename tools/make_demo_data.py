@@ -7,6 +7,8 @@ Files:
   train.jsonl           {"query", "pos": [1], "neg": [7-8], "pos_scores", "neg_scores"}
   heldout.jsonl         {"query_id", "query", "pos": [1], "qrels": {doc_id: 1}}
   heldout_corpus.jsonl  {"id", "text"}: every held-out positive plus same-topic distractors
+  heldout_beir/         the held-out set in BEIR's layout (corpus.jsonl, queries.jsonl,
+                        qrels/test.tsv), for `m3-jax evaluate --data`
 
 The text is made of "words" written in the scripts the tiny tokenizer is trained on
 (`m3_jax.tiny.SCRIPTS`), so a tiny model trained from scratch can read it. Each topic has its own
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3_jax.evaluation.datasets import load_heldout, write_beir
 from m3_jax.tiny import SCRIPTS
 
 # Tokenizer scripts used for words: Latin, Cyrillic, Chinese, Greek, Arabic (digits are noise).
@@ -229,8 +232,13 @@ def main() -> None:
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "heldout.jsonl", heldout)
     write_jsonl(args.out / "heldout_corpus.jsonl", corpus)
+    beir = write_beir(
+        load_heldout(args.out / "heldout.jsonl", args.out / "heldout_corpus.jsonl"),
+        args.out / "heldout_beir",
+    )
     for name in ("train.jsonl", "heldout.jsonl", "heldout_corpus.jsonl"):
         print(f"{args.out / name}: {(args.out / name).stat().st_size / 1e6:.2f} MB")
+    print(f"{beir}: BEIR layout of the held-out set")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from m3_jax.config import ATTENTION_IMPLS
 from m3_jax.inference import M3Embedder
 
-# Errors a user can fix (bad input, missing files, changed settings): one line on stderr, exit 1.
-# argparse reports bad command lines itself, with exit code 2.
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, ImportError)
+# Errors a user can fix (bad input, missing files, changed settings, a diverged loss): one line on
+# stderr, exit 1. argparse reports bad command lines itself, with exit code 2. Any other exception
+# is a bug: its traceback, then a line saying so.
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    ValueError,
+    ImportError,
+    FloatingPointError,
+)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,14 +70,43 @@ def load_embedder(args: argparse.Namespace, **kwargs: Any):
     )
 
 
-def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Runs a command; a user error becomes `error: ...` on stderr and exit code 1."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def setup_logging() -> None:
+    """m3_jax's INFO lines, and the libraries' warnings, with timestamps on stderr (the libraries'
+    INFO chatter, such as JAX looking for a TPU, is left out). `force`: an import may have
+    configured the root logger already, and basicConfig alone would keep its format."""
+    logging.basicConfig(
+        level=logging.WARNING, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True
+    )
+    logging.getLogger("m3_jax").setLevel(logging.INFO)
+
+
+def print_error(message: object) -> None:
+    """One `error: ...` line on stderr (a message's own line breaks joined)."""
+    text = " ".join(str(message).split("\n"))
+    print(f"error: {text}", file=sys.stderr)
+
+
+def report_errors(run: Callable[[], int]) -> int:
+    """`run()`'s exit code; a user error becomes one `error:` line and exit code 1, Ctrl-C exit
+    code 130, and any other exception its traceback plus a line naming it a bug."""
     try:
-        return run(args)
+        return run()
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except Exception as e:
+        traceback.print_exc()
+        print_error(f"the {type(e).__name__} above is a bug in m3_jax; please report it")
+        return 1
+
+
+def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Runs a command with `setup_logging` and `report_errors`."""
+    setup_logging()
+    return report_errors(lambda: run(args))
 
 
 def tool_main(

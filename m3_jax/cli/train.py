@@ -10,8 +10,10 @@ config_flags). --help lists every key with its default and what it does.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
-import logging
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +21,15 @@ from typing import Any
 
 from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
+from m3_jax.cli.common import report_errors, setup_logging
 from m3_jax.config import EvalConfig, RunConfig
 from m3_jax.evaluation import evaluate_heldout, evaluate_retrieval
+from m3_jax.run_dir import BEST_DIR, SUMMARY_FILE
 from m3_jax.sharding import initialize_distributed
 from m3_jax.training.loop import train
+from m3_jax.training.monitor import TrainingStopped
 
 HELP_COLUMN = 52  # where --help starts each key's description
 
@@ -98,23 +103,82 @@ def eval_fn_from_config(e: EvalConfig):
     return None
 
 
-def train_from_config(run: RunConfig) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def unknown_override(config: ConfigDict, argv: Sequence[str]) -> str | None:
+    """The first `--config.KEY=VALUE` of `argv` whose KEY the config lacks, as a message with the
+    nearest existing key; None when every key exists."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        node: Any = config
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(["config", *key.split(".")[:depth]])
+                if not isinstance(node, ConfigDict):
+                    return f"--config.{key}: {where} is a value, not a section"
+                close = difflib.get_close_matches(part, list(node.keys()), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return f"--config.{key}: {where} has no key {part!r}{hint}"
+            node = node[part]
+    return None
+
+
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line that reran as is resumes this run."""
+    head = ["python", prog] if prog.endswith(".py") else shlex.split(prog)
+    return shlex.join([*head, *argv])
+
+
+def report(summary: dict, workdir: Path) -> str:
+    """The end of a run for a person: steps, time, the last logged losses, every evaluation
+    metric before and after training, and where the outputs are."""
+    lines = [f"trained {summary['final_step']} steps in {summary['train_seconds']:.0f} s"]
+    if summary.get("final_losses"):
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items())
+        lines.append(f"last logged losses: {losses}")
+    before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
+    if before or after:
+        width = max(len(k) for k in [*before, *after])
+        lines.append(f"  {'evaluation':<{width}}  {'before':>8}  {'after':>8}")
+        for key in dict.fromkeys([*before, *after]):
+            cells = [f"{d[key]:8.4f}" if key in d else f"{'-':>8}" for d in (before, after)]
+            lines.append(f"  {key:<{width}}  {cells[0]}  {cells[1]}")
+    lines.append(f"run directory  {workdir}")
+    lines.append(
+        f"export         {summary['export']}  (M3Embedder.from_pretrained, m3-jax convert)"
+    )
+    if "best" in summary:
+        best = summary["best"]
+        value = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("step", "dir"))
+        lines.append(f"best           {workdir / BEST_DIR}  (step {best['step']}, {value})")
+    lines.append(f"summary        {workdir / SUMMARY_FILE}")
+    return "\n".join(lines)
+
+
+def train_from_config(run: RunConfig, prog: str, argv: Sequence[str]) -> int:
+    """Trains, then prints `report`; a stop signal prints the step saved and the command that
+    resumes (exit code 128 + the signal's number, as a shell reports it)."""
     # Library chatter (orbax logs every save at INFO through absl) would drown the metrics.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("m3_jax").setLevel(logging.INFO)
     if run.distributed.initialize:
         initialize_distributed(run.distributed)
-    summary = train(run, eval_fn_from_config(run.eval))
-    print(
-        {k: v for k, v in summary.items() if k.startswith("eval") or k in ("final_step", "export")}
-    )
-    return summary
+    try:
+        summary = train(run, eval_fn_from_config(run.eval))
+    except TrainingStopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(
+            f"stopped by {name} after saving step {stop.step}; to resume, rerun: "
+            + resume_command(prog, argv),
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    print(report(summary, Path(run.workdir)))
+    return 0
 
 
 def run(argv: Sequence[str], prog: str = "m3-jax train") -> int:
     """Parses absl flags from `argv` (without the program name) and trains; once per process,
-    since absl flags are global. A bad command line gives exit code 2."""
+    since absl flags are global. A bad command line gives exit code 2, a user error 1."""
     spec = config_file(argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(spec))
@@ -124,19 +188,22 @@ def run(argv: Sequence[str], prog: str = "m3-jax train") -> int:
         if not path.is_file():
             print(f"{prog}: error: --config {path}: no such file", file=sys.stderr)
             return 2
-        sys.path.insert(0, str(import_root(path)))
+        unknown = unknown_override(load_config(spec), argv)
+        if unknown:
+            print(f"{prog}: error: {unknown}", file=sys.stderr)
+            return 2
     config = config_flags.DEFINE_config_file("config", None, "FILE[:ARG]", lock_config=True)
     flags.mark_flags_as_required(["config"])
     try:
         flags.FLAGS([prog, *argv])
     # config_flags reports an override of a key the config lacks as an AttributeError.
-    except (flags.Error, AttributeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError) as e:
+        print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     try:
-        run = RunConfig.from_config_dict(config.value)
+        run_config = RunConfig.from_config_dict(config.value)
     except (TypeError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    train_from_config(run)
-    return 0
+    setup_logging()
+    return report_errors(lambda: train_from_config(run_config, prog, argv))

@@ -149,6 +149,11 @@ def export_torch_dir(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # mkdtemp makes a private (0700) directory; the export is for a server or a colleague to read,
+    # so it gets what mkdir would give it: the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         encoder: dict[str, np.ndarray] = {}
         heads: dict[str, dict] = {COLBERT_FILE: {}, SPARSE_FILE: {}}

@@ -42,7 +42,13 @@ from m3_jax.run_dir import (
 )
 from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
 from m3_jax.training import sharded
-from m3_jax.training.monitor import BestParams, MetricsWriter, StopSignal, summarize_window
+from m3_jax.training.monitor import (
+    BestParams,
+    MetricsWriter,
+    StopSignal,
+    TrainingStopped,
+    summarize_window,
+)
 from m3_jax.training.optim import make_optimizer
 from m3_jax.training.state import TrainState, abstract_state
 from m3_jax.training.step import StepConfig
@@ -65,6 +71,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     Multi-process runs call this on every process (after `jax.distributed.initialize`); only
     process 0 writes metrics and the summary.
     """
+    started = time.perf_counter()
     workdir = Path(run.workdir)
     lead = jax.process_index() == 0
     show = run.train.progress and lead
@@ -107,8 +114,9 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         keep=run.train.keep_checkpoints,
         async_save=run.train.async_checkpoint,
     )
+    settings = plan_settings(run, mesh)
     state, start = resume_or_init(
-        manager, model_config, host_params, tx, layout, loader, mesh, run.seed
+        manager, model_config, host_params, tx, layout, loader, settings, run.seed
     )
     del host_params
 
@@ -135,7 +143,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     try:
         if evaluator.active and run.eval.before_training and int(state.step) == 0:
             summary["eval_before"] = evaluator(state, 0)
-        state = train_steps(
+        state, last_logged = train_steps(
             run,
             state,
             compiled,
@@ -146,6 +154,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
             model_config,
             manager,
             mesh,
+            settings,
             evaluator,
             writer,
             show,
@@ -155,7 +164,8 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         export = workdir / EXPORT_DIR
         if not export.exists():
             save_model_dir(export, float32(model_config), params, tokenizer_dir)
-        summary.update(final_step=int(state.step), export=str(export))
+        losses = {k: v for k, v in last_logged.items() if k.startswith("loss/")}
+        summary.update(final_step=int(state.step), export=str(export), final_losses=losses)
         if evaluator.active:
             summary["eval_after"] = evaluator(state, int(state.step), params)
         if evaluator.best is not None and evaluator.best.step is not None:
@@ -164,6 +174,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     finally:
         if writer is not None:
             writer.close()
+    summary["train_seconds"] = round(time.perf_counter() - started, 1)
     if lead:
         (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -247,7 +258,14 @@ def log_plan(loader: TrainLoader, total_steps: int) -> None:
 
 
 def resume_or_init(
-    manager, model_config, host_params, tx, layout, loader: TrainLoader, mesh: Mesh, seed: int
+    manager,
+    model_config,
+    host_params,
+    tx,
+    layout,
+    loader: TrainLoader,
+    settings: dict,
+    seed: int,
 ) -> tuple[TrainState, LoaderPosition]:
     """The newest checkpoint's state and loader position, or the step-0 state (imported params,
     else a fresh sharded init) at the start of the data."""
@@ -257,7 +275,7 @@ def resume_or_init(
     restored = checkpoint.restore_latest(manager, target)
     if restored is not None:
         state, saved = restored
-        check_same_plan(saved, loader, mesh)
+        check_same_plan(saved, loader, settings)
         position = LoaderPosition.from_json(saved)
         log.info("resumed from step %d at loader position %s", int(state.step), position)
         return state, position
@@ -365,12 +383,14 @@ def train_steps(
     model_config: ModelConfig,
     manager: Any,
     mesh: Mesh,
+    settings: dict,
     evaluate: Evaluator,
     writer: MetricsWriter | None,
     show: bool,
-) -> TrainState:
+) -> tuple[TrainState, dict[str, float]]:
     """Steps from `state` to `total_steps`: metric windows, periodic evaluation, checkpoints, and
-    a final save on SIGTERM/SIGINT (then SystemExit)."""
+    a final save on SIGTERM/SIGINT (then TrainingStopped). Returns the state and the last logged
+    metrics ({} when none was logged, as on a finished run resumed)."""
     t = run.train
     peak = t.peak_flops_per_s or flops.measure_matmul_peak()
     stop = StopSignal()
@@ -378,6 +398,7 @@ def train_steps(
     step = int(state.step)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     window: list[dict] = []
+    record: dict[str, float] = {}
     window_start = time.perf_counter()
     try:
         for position, shape, host_batch in loader.iterate(start):
@@ -416,51 +437,71 @@ def train_steps(
                 evaluate(state, step)
             stopping = stop.agreed()
             if step % t.save_every == 0 or step == total_steps or stopping:
-                checkpoint.save(manager, step, state, loader_json(position, loader, mesh))
+                checkpoint.save(manager, step, state, loader_json(position, loader, settings))
             window_start += time.perf_counter() - pause_start
             if stopping:
                 manager.wait_until_finished()
-                raise SystemExit(f"stopped by signal {stop.received} after saving step {step}")
+                raise TrainingStopped(stop.received, step)
     finally:
         progress.close()
         stop.restore()
         manager.wait_until_finished()
         manager.close()
-    return state
+    return state, record
 
 
-def loader_json(position: LoaderPosition, loader: TrainLoader, mesh: Mesh) -> dict:
-    """The loader position plus what it refers to (the batch plan), saved with a checkpoint."""
+def plan_settings(run: RunConfig, mesh: Mesh) -> dict:
+    """The settings a batch plan follows (the data section, the seed, the data-parallel size),
+    saved with each checkpoint so that a refused resume can name what changed."""
+    data = {f"data.{k}": v for k, v in dataclasses.asdict(run.data).items()}
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}  # as JSON reads
+    return {**data, "seed": run.seed, "data_parallel_size": sharding.data_parallel_size(mesh)}
+
+
+def loader_json(position: LoaderPosition, loader: TrainLoader, settings: dict) -> dict:
+    """The loader position plus what it refers to (the batch plan and its settings), saved with
+    a checkpoint."""
     return {
         **position.to_json(),
         "plan": {
             "steps_per_epoch": loader.steps_per_epoch,
             "bucket_shapes": [list(s) for s in loader.bucket_shapes()],
-            "data_parallel_size": sharding.data_parallel_size(mesh),
+            "data_parallel_size": settings["data_parallel_size"],
+            "settings": settings,
         },
     }
 
 
-def check_same_plan(saved: dict, loader: TrainLoader, mesh: Mesh) -> None:
+def check_same_plan(saved: dict, loader: TrainLoader, settings: dict) -> None:
     """A checkpoint's (epoch, step) names a batch of its own run's plan: resuming with other
     batch sizes would silently skip or repeat data, so that is an error that says what changed."""
     plan = saved.get("plan")
     if plan is None:  # checkpoints from before the plan was recorded
         return
-    now = loader_json(LoaderPosition(), loader, mesh)["plan"]
+    now = loader_json(LoaderPosition(), loader, settings)["plan"]
     if plan["bucket_shapes"] == now["bucket_shapes"]:
         return
+    before = plan.get("settings", {})
+    changed = [
+        f"{key} {before[key]!r} -> {value!r}"
+        for key, value in settings.items()
+        if key in before and before[key] != value
+    ]
+    cause = (
+        f"changed settings: {'; '.join(changed)}"
+        if changed
+        else "the settings are the same, so the training data changed"
+    )
     hint = ""
     if plan["data_parallel_size"] != now["data_parallel_size"]:
         hint = (
-            f"; the data-parallel size changed from {plan['data_parallel_size']} to "
-            f"{now['data_parallel_size']}, and with data.batch_multiple=-1 batch sizes follow "
-            f"it: set --config.data.batch_multiple={plan['data_parallel_size']} (a multiple of "
-            "every data-parallel size the run will use) to resume this run exactly"
+            f"; with data.batch_multiple=-1 batch sizes follow the data-parallel size: set "
+            f"--config.data.batch_multiple={plan['data_parallel_size']} (a multiple of every "
+            "data-parallel size the run will use) to resume this run exactly"
         )
     raise ValueError(
-        f"the checkpoint's batch plan {plan['bucket_shapes']} differs from this run's "
-        f"{now['bucket_shapes']} (data files or data settings changed?){hint}"
+        f"cannot resume: the checkpoint's batch plan differs from this run's ({cause}){hint}; "
+        f"checkpoint's bucket shapes {plan['bucket_shapes']}, this run's {now['bucket_shapes']}"
     )
 
 

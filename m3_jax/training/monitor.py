@@ -43,6 +43,14 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+class TrainingStopped(Exception):
+    """Training stopped on a signal after saving step `step`; rerunning resumes from there."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} after saving step {step}")
+        self.signum, self.step = signum, step
+
+
 class StopSignal:
     """Records SIGTERM/SIGINT so the loop can save a checkpoint before exiting."""
 
@@ -125,7 +133,7 @@ class BestParams:
     ) -> bool:
         """Saves `params` as the new best if `metrics[self.metric]` improves; True if it did."""
         if self.metric not in metrics:
-            raise KeyError(
+            raise ValueError(
                 f"eval.metric {self.metric!r} is not among the evaluation's metrics "
                 f"{sorted(metrics)}"
             )
