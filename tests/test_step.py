@@ -90,7 +90,7 @@ def loss_grads_outputs(sub_batch_size):
 
     def fn(params, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, parts), grads = grad_fn(params, graphdef, batch, jnp.int32(0), None, config)
+        (loss, (parts, _)), grads = grad_fn(params, graphdef, batch, jnp.int32(0), None, config)
         q = encode(graphdef, params, batch["query_ids"], batch["query_mask"], None, sub_batch_size)
         p = encode(
             graphdef, params, batch["passage_ids"], batch["passage_mask"], None, sub_batch_size
@@ -208,7 +208,16 @@ def test_train_step_lowers_loss(train_runs):
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert losses[-1] < 0.5 * losses[0], losses
     m = train_runs.metrics[0]
-    assert set(m) == {"loss/dense", "loss/loss", "lr", "grad_norm", "tokens"}
+    health = {"health/sparse_active", "health/sparse_weight", "health/dense_cosine"}
+    assert set(m) == {
+        "loss/dense",
+        "loss/loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "health/colbert_cosine",
+        *health,
+    }
     assert float(m["lr"]) == pytest.approx(float(train_runs.schedule(0)))
     tokens = BATCH_A["query_mask"].sum() + BATCH_A["passage_mask"].sum()
     assert int(m["tokens"]) == int(tokens)

@@ -74,7 +74,7 @@ def jax_trainer(config, params, batch, loss_config, optim_config, total_steps):
             train_step,
             graphdef=graphdef(config),
             tx=tx,
-            config=StepConfig(loss_config, dropout=False),
+            config=StepConfig(loss_config, None, dropout=False, data_shards=1),
         ),
         donate_argnums=0,
     )

@@ -185,6 +185,9 @@ class TrainConfig:
     compilation_cache_dir: str = knob("~/.cache/m3_jax/xla", "persistent XLA cache; '' = off")
     peak_flops_per_s: float = knob(0.0, "for MFU; 0 = measure a large matmul at start")
     progress: bool = knob(True, "progress bars and metric lines on stdout")
+    sparse_health_threshold: float = knob(
+        0.05, "warn once when fewer content tokens than this share get a sparse weight"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +224,9 @@ SECTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    workdir: str = knob("runs/base", "checkpoints, metrics.jsonl, tensorboard/, export/, best/")
+    workdir: str = knob(
+        "runs/base", "checkpoints, metrics.jsonl, tensorboard/, export/, best/, summary.json"
+    )
     seed: int = knob(0, "init, data order, group sampling and dropout all derive from it")
     model: ModelSource = dataclasses.field(default_factory=ModelSource)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -42,6 +42,7 @@ from m3_jax.run_dir import (
 )
 from m3_jax.tokenization import check_tokenizer_matches, load_tokenizer
 from m3_jax.training import sharded
+from m3_jax.training.health import sparse_collapse_warning
 from m3_jax.training.monitor import (
     BestParams,
     MetricsWriter,
@@ -106,7 +107,13 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         scored = dataclasses.replace(
             loss, in_batch_negatives=loss.in_batch_negatives and in_batch_negatives
         )
-        return StepConfig(scored, run.train.sub_batch_size, run.train.dropout, data_shards=dp)
+        return StepConfig(
+            scored,
+            run.train.sub_batch_size,
+            run.train.dropout,
+            data_shards=dp,
+            special_token_ids=model_config.special_token_ids,
+        )
 
     layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules)
     manager = checkpoint.make_manager(
@@ -399,6 +406,7 @@ def train_steps(
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     window: list[dict] = []
     record: dict[str, float] = {}
+    warned_sparse = False
     window_start = time.perf_counter()
     try:
         for position, shape, host_batch in loader.iterate(start):
@@ -422,6 +430,10 @@ def train_steps(
                 if writer is not None:
                     writer.write(step, record)
                 progress.set_postfix(loss=f"{record['loss/loss']:.4f}")
+                warning = sparse_collapse_warning(record, t.sparse_health_threshold)
+                if warning and not warned_sparse:
+                    log.warning("step %d: %s", step, warning)
+                    warned_sparse = True
                 if show:
                     tqdm.write(
                         f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items())

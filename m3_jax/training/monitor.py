@@ -80,9 +80,9 @@ class StopSignal:
 def summarize_window(
     window: list[dict], elapsed: float, model_config: ModelConfig, peak: float
 ) -> dict[str, float]:
-    """Mean loss parts over the window plus lr, grad norm, throughput and MFU; each step's
-    "shape" is its `BatchShape`."""
-    keys = [k for k in window[-1] if k.startswith("loss/")]
+    """Mean loss parts and head health over the window plus lr, grad norm, throughput and MFU;
+    each step's "shape" is its `BatchShape`."""
+    keys = [k for k in window[-1] if k.startswith(("loss/", "health/"))]
     out = {k: float(np.mean([w[k] for w in window])) for k in keys}
     out["lr"] = float(window[-1]["lr"])
     out["grad_norm"] = float(window[-1]["grad_norm"])

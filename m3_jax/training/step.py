@@ -20,6 +20,7 @@ from m3_jax.config import LossConfig
 from m3_jax.losses import m3_loss
 from m3_jax.model import M3Output, Params
 from m3_jax.model.axes import constrain_batch
+from m3_jax.training.health import head_health
 from m3_jax.training.optim import apply_update
 from m3_jax.training.state import TrainState
 
@@ -34,6 +35,7 @@ class StepConfig:
     sub_batch_size: int | None  # rows per encoder call and data shard; None = all at once
     dropout: bool  # XLM-R dropout during training
     data_shards: int  # blocks the batch rows are split into over devices (data-parallel size)
+    special_token_ids: tuple[int, ...] = ()  # not content: left out of the sparse head's health
 
 
 def sub_batch_count(rows: int, sub_batch_size: int, shards: int = 1) -> int:
@@ -97,14 +99,15 @@ def loss_fn(
     step: jax.Array,
     rng: jax.Array | None,
     config: StepConfig,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, jax.Array]]]:
+    """The loss, and as auxiliary outputs its parts and the heads' health (`health.py`)."""
     q_rng = p_rng = None
     if rng is not None:
         q_rng, p_rng = jax.random.split(rng)
     sub, shards = config.sub_batch_size, config.data_shards
     q = encode(graphdef, params, batch["query_ids"], batch["query_mask"], q_rng, sub, shards)
     p = encode(graphdef, params, batch["passage_ids"], batch["passage_mask"], p_rng, sub, shards)
-    return m3_loss(
+    loss, parts = m3_loss(
         q,
         p,
         batch["query_ids"],
@@ -113,6 +116,16 @@ def loss_fn(
         step=step,
         teacher_scores=batch.get("teacher_scores"),
     )
+    health = head_health(
+        q,
+        p,
+        batch["query_ids"],
+        batch["passage_ids"],
+        batch["query_mask"],
+        batch["passage_mask"],
+        config.special_token_ids,
+    )
+    return loss, (parts, health)
 
 
 def train_step(
@@ -125,15 +138,16 @@ def train_step(
     config: StepConfig,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer update at learning rate `lr` (an input, see `optim`); metrics hold every
-    loss part, lr, grad norm and the token count."""
+    loss part, the heads' health, lr, grad norm and the token count."""
     rng = None
     if config.dropout:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, parts), grads = grad_fn(state.params, graphdef, batch, state.step, rng, config)
+    (loss, (parts, health)), grads = grad_fn(state.params, graphdef, batch, state.step, rng, config)
     params, opt_state = apply_update(tx, grads, state.opt_state, state.params, lr)
     metrics = {
         **{f"loss/{k}": v for k, v in parts.items()},
+        **health,
         "lr": lr,
         "grad_norm": optax.tree.norm(grads),
         "tokens": batch["query_mask"].sum() + batch["passage_mask"].sum(),
@@ -146,5 +160,5 @@ def eval_loss(
     state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, config: StepConfig
 ) -> dict[str, jax.Array]:
     """Loss parts without dropout or an update."""
-    _, parts = loss_fn(state.params, graphdef, batch, state.step, None, config)
+    _, (parts, _) = loss_fn(state.params, graphdef, batch, state.step, None, config)
     return parts
