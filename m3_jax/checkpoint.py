@@ -51,12 +51,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
     """(state, loader position) of the newest checkpoint that restores, or None when there is
     none.
 
+    Unfinished saves (orbax's temporary names) are never steps; they are named in a warning.
     Newer checkpoints that fail while an older one restores are damaged: each is logged with its
     reason and moved to the run's `unreadable_checkpoints/` (nothing is deleted; later saves take
     their step numbers again). When every checkpoint fails, the cause is more likely this run's
     settings (another model or optimizer), so nothing moves and CheckpointError says so.
     """
     directory = Path(manager.directory)
+    unfinished = sorted(p.name for p in directory.glob(f"*{ocp.step.TMP_DIR_SUFFIX}*"))
+    if unfinished:
+        log.warning(
+            "ignoring unfinished checkpoints in %s (saves cut short): %s",
+            directory,
+            ", ".join(unfinished),
+        )
     failed: list[tuple[int, str]] = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:

@@ -144,9 +144,12 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(
     run = copy_of_run(uninterrupted[0], tmp_path / "run")
     newest = run / "checkpoints" / str(NUM_STEPS)
     truncate(largest_array_file(newest) if damage == "array file" else newest / "state/_METADATA")
+    unfinished = run / "checkpoints" / f"{NUM_STEPS + SAVE_EVERY}.orbax-checkpoint-tmp-1"
+    shutil.copytree(newest, unfinished)  # a later save that a crash cut short
     with caplog.at_level(logging.INFO, logger="m3_jax"):
         summary = train(RunConfig.from_config_dict(demo_config(run, train_file, cache)))
     assert f"checkpoint {newest} does not restore" in caplog.text
+    assert f"ignoring unfinished checkpoints in {run / 'checkpoints'}" in caplog.text
     assert f"resumed from step {NUM_STEPS - SAVE_EVERY}" in caplog.text
     assert (run / "unreadable_checkpoints" / str(NUM_STEPS) / "state").is_dir()
     assert summary["final_step"] == NUM_STEPS
