@@ -187,6 +187,10 @@ def test_encode_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path, cap
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     shards = sorted(out.glob("shard-*.safetensors"))
     assert len(shards) == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    # safetensors writes 0600; the shards are for others to read too
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     # As if the run had stopped after the third shard, before writing the final files.
     shards[-1].unlink()
     for name in ("dense.npy", "lexical_weights.jsonl", "colbert_index.npy", "ids.txt"):

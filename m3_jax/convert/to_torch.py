@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from m3_jax.config import ModelConfig
 from m3_jax.convert.layout import COLBERT_FILE, SPARSE_FILE, get_path, tensor_mappings
+from m3_jax.file_modes import apply_umask
 from m3_jax.loading import load_params
 from m3_jax.model import Params, check_params
 from m3_jax.run_dir import copy_tokenizer_files
@@ -149,11 +150,6 @@ def export_torch_dir(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    # mkdtemp makes a private (0700) directory; the export is for a server or a colleague to read,
-    # so it gets what mkdir would give it: the user's umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
     try:
         encoder: dict[str, np.ndarray] = {}
         heads: dict[str, dict] = {COLBERT_FILE: {}, SPARSE_FILE: {}}
@@ -176,6 +172,7 @@ def export_torch_dir(
         for name, content in sentence_transformers_files(config).items():
             _write_json(tmp / name, content)
         copy_tokenizer_files(tokenizer_source, tmp)
+        apply_umask(tmp)  # mkdtemp and safetensors write private modes
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

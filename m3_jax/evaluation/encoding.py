@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from m3_jax.file_modes import apply_umask
 from m3_jax.sparse_formats import to_csr
 
 OUTPUTS = ("dense", "sparse", "colbert")
@@ -115,6 +116,7 @@ def _save_shard(path: Path, arrays: dict[str, np.ndarray], shard_format: str) ->
         from safetensors.numpy import save_file
 
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        apply_umask(tmp)  # safetensors writes 0600
     tmp.replace(path)
 
 
