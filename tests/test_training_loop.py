@@ -23,6 +23,7 @@ from m3_jax.checkpoint import CheckpointError
 from m3_jax.config import RunConfig
 from m3_jax.input_files import InputError
 from m3_jax.loading import load_params
+from m3_jax.run_dir import save_model_dir
 from m3_jax.training.loop import NonFiniteLossError, check_same_plan, train
 
 
@@ -167,6 +168,30 @@ def test_resume_with_no_restorable_checkpoint_is_one_error(
     with pytest.raises(CheckpointError, match=pattern):
         train(RunConfig.from_config_dict(demo_config(run, train_file, cache)))
     assert not (run / "unreadable_checkpoints").exists()  # nothing moved: settings may be the cause
+
+
+@pytest.mark.slow
+def test_a_dead_sparse_head_is_measured_and_warned_about_once(
+    tmp_path, caplog, train_file, cache, uninterrupted
+):
+    """The trained demo model with its sparse bias far below zero: every sparse weight is 0 (the
+    ReLU is dead), the health metric says so and the run warns once."""
+    loaded = load_params(uninterrupted[0] / "export")
+    params = jax.tree.map(np.asarray, loaded.params)
+    params["sparse_linear"]["bias"] = np.full_like(params["sparse_linear"]["bias"], -1e3)
+    dead = tmp_path / "dead"
+    save_model_dir(dead, loaded.config, params, loaded.tokenizer_dir)
+    c = demo_config(tmp_path / "run", train_file, cache)
+    c.model.init_from = str(dead)
+    c.data.passage_max_len = 128  # one bucket to compile
+    c.train.num_steps = c.train.save_every = 3
+    with caplog.at_level(logging.INFO, logger="m3_jax"):
+        train(RunConfig.from_config_dict(c))
+    assert caplog.text.count("the sparse head is collapsing: 0.00% of content tokens") == 1
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/loss" in r]
+    assert len(steps) == 3 and all(r["health/sparse_active"] == 0.0 for r in steps)
+    assert all(0.0 < r["health/dense_cosine"] < 1.0 for r in steps)
 
 
 def test_malformed_data_fails_before_writing(tmp_path, cache):
