@@ -82,8 +82,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
         except Exception as e:  # noqa: BLE001
             reason = one_line(e)
         if every_process_agrees(reason is None):
-            set_aside(directory, failed)
             if failed:
+                set_aside(directory, failed)
                 manager.reload()
             return restored[STATE], restored[LOADER]
         failed.append((step, reason or "another process could not restore it"))
@@ -115,8 +115,6 @@ def every_process_agrees(ok: bool) -> bool:
 def set_aside(directory: Path, failed: list[tuple[int, str]]) -> None:
     """Moves the failed steps' directories to `../unreadable_checkpoints/` (process 0 moves,
     every process waits for it)."""
-    if not failed:
-        return
     aside = directory.parent / UNREADABLE_DIR
     if jax.process_index() == 0:
         aside.mkdir(exist_ok=True)

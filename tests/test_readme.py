@@ -45,11 +45,9 @@ def simple_commands(text: str) -> list[list[str]]:
 def check_train(argv: list[str]) -> None:
     spec = config_file(argv)
     assert spec, f"no --config in {argv}"
-    path = ROOT / spec.partition(":")[0]
-    assert path.is_file(), path
-    assert (
-        unknown_override(load_config(str(path) + spec[len(spec.partition(":")[0]) :]), argv) is None
-    )
+    file, colon, arg = spec.partition(":")
+    assert (ROOT / file).is_file(), file
+    assert unknown_override(load_config(f"{ROOT / file}{colon}{arg}"), argv) is None
 
 
 def test_the_readme_has_the_commands_a_new_user_runs():
