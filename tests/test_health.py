@@ -1,15 +1,27 @@
 """Head health against numpy: the sparse head's live share and weight, the mean pairwise cosine
-of dense and colbert vectors, and the collapse warning."""
+of dense and colbert vectors, and the collapse warning; and the notebooks' fine-tuning keeping the
+sparse head alive."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from demo_runs import ROOT
 
+from configs import base
+from m3_jax.cli.train import eval_fn_from_config
+from m3_jax.config import RunConfig
+from m3_jax.loading import load_params
 from m3_jax.model import M3Output
+from m3_jax.run_dir import save_model_dir
+from m3_jax.tiny import SPARSE_HEAD_SCALE
 from m3_jax.training.health import (
     COLBERT_COSINE,
     DENSE_COSINE,
@@ -19,6 +31,7 @@ from m3_jax.training.health import (
     mean_pairwise_cosine,
     sparse_collapse_warning,
 )
+from m3_jax.training.loop import train
 
 SPECIALS = (0, 1, 2)  # cls, pad, eos of the synthetic ids
 
@@ -88,10 +101,90 @@ def test_head_health_matches_numpy(dead):
     assert (float(got[SPARSE_ACTIVE]) == 0.0) == dead
 
 
-def test_collapse_warning_names_the_threshold_and_the_settings():
+def test_collapse_warning_names_the_threshold_the_cause_and_the_settings():
     assert sparse_collapse_warning({SPARSE_ACTIVE: 0.4}, 0.05) is None
     assert sparse_collapse_warning({"loss/loss": 1.0}, 0.05) is None  # no health measured
     warning = sparse_collapse_warning({SPARSE_ACTIVE: 0.0}, 0.05)
     assert "0.00% of content tokens" in warning and "train.sparse_health_threshold=0.05" in warning
-    for setting in ("optim.lr", "loss.self_distill_start_step", "loss.loss_weights"):
+    for setting in ("loss.temperature", "model.fresh_heads", "optim.lr", "loss/sparse"):
         assert setting in warning
+
+
+def notebook_config(workdir: Path, model_dir: Path, data: dict[str, Path], cache: Path):
+    """The fine-tuning cell of notebooks/colab_tpu_quickstart.ipynb in its tiny CPU setting."""
+    c = base.get_config()
+    c.workdir = str(workdir)
+    c.model.init_from = str(model_dir)
+    c.data.train_files = str(data["train"])
+    c.data.group_size = 4
+    c.data.query_max_len, c.data.passage_max_len = 32, 128
+    c.data.token_budget = 4096
+    c.data.cache_dir = str(workdir.parent / "data_cache")
+    c.optim.lr = 1e-3
+    c.train.dropout = False
+    c.train.num_steps, c.train.save_every, c.train.log_every = 24, 24, 4
+    c.train.progress = False
+    c.train.peak_flops_per_s = 1e11
+    c.train.compilation_cache_dir = str(cache)
+    c.eval.heldout_file, c.eval.corpus_file = str(data["heldout"]), str(data["corpus"])
+    return c
+
+
+@pytest.fixture(scope="module")
+def notebook_data(tmp_path_factory) -> dict[str, Path]:
+    """The notebook's tiny data: 400 training records; 32 held-out queries against 200 documents
+    (theirs included)."""
+    out = tmp_path_factory.mktemp("notebook_data")
+    demo = ROOT / "train" / "demo_data"
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (demo / name).read_text().splitlines()]
+
+    def write(name: str, items: list[dict]) -> Path:
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+        return out / name
+
+    heldout = rows("heldout.jsonl")[:32]
+    relevant = {doc for row in heldout for doc in row["qrels"]}
+    corpus = [
+        d for i, d in enumerate(rows("heldout_corpus.jsonl")) if i < 200 or d["id"] in relevant
+    ]
+    return {
+        "train": write("train.jsonl", rows("train.jsonl")[:400]),
+        "heldout": write("heldout.jsonl", heldout),
+        "corpus": write("corpus.jsonl", corpus),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_scale", [1.0, 1 / SPARSE_HEAD_SCALE])
+def test_notebook_fine_tuning_keeps_the_sparse_head_alive_at_a_trained_heads_scale(
+    tmp_path, caplog, tiny_model_dir, notebook_data, xla_cache, head_scale
+):
+    """The notebook's fine-tuning from the tiny model: with its sparse head at a trained head's
+    scale the head stays alive and its held-out nDCG@10 does not fall; the same head scaled back
+    to the encoder's fan-in scale (the tiny model before the fix) dies within the run, and the
+    run warns once."""
+    loaded = load_params(tiny_model_dir)
+    params = jax.tree.map(np.asarray, loaded.params)
+    params["sparse_linear"] = jax.tree.map(lambda x: x * head_scale, params["sparse_linear"])
+    model_dir = save_model_dir(tmp_path / "model", loaded.config, params, loaded.tokenizer_dir)
+    run = RunConfig.from_config_dict(
+        notebook_config(tmp_path / "run", model_dir, notebook_data, xla_cache)
+    )
+    with caplog.at_level(logging.INFO, logger="m3_jax"):
+        summary = train(run, eval_fn_from_config(run.eval))
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    shares = [r[SPARSE_ACTIVE] for r in rows if SPARSE_ACTIVE in r]
+    sparse_before = summary["eval_before"]["sparse/ndcg@10"]
+    sparse_after = summary["eval_after"]["sparse/ndcg@10"]
+    threshold = run.train.sparse_health_threshold
+    warnings = caplog.text.count("the sparse head is collapsing")
+    if head_scale == 1.0:
+        assert len(shares) == 6 and min(shares) > threshold, shares
+        assert sparse_after >= sparse_before, (sparse_before, sparse_after)
+        assert warnings == 0
+    else:
+        assert shares[-1] < threshold, shares
+        assert sparse_after < sparse_before, (sparse_before, sparse_after)
+        assert warnings == 1

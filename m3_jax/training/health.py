@@ -4,6 +4,9 @@ The sparse head is a ReLU per token, and it can die: once every weight is 0, eve
 scores 0, the sparse loss sits at ln(candidates) and no gradient reaches the head again.
 `sparse_active` (the share of content tokens with a positive weight) falls towards 0 first, and
 `sparse_weight` (the mean of the positive weights) shows how strongly the live ones match.
+It dies when the sparse scores start large and wrong for the loss temperature: the first sparse
+loss is then far above ln(candidates) and the fastest way down is every weight to 0, where the
+bilinear score has no gradient either (the README's training section has the measurements).
 The dense and colbert heads collapse differently, by mapping every text (or token) to nearly one
 direction: `dense_cosine` and `colbert_cosine`, the mean cosine between two different vectors of
 the batch, climb towards 1.
@@ -81,8 +84,11 @@ def sparse_collapse_warning(record: dict[str, float], threshold: float) -> str |
     return (
         f"the sparse head is collapsing: {share:.2%} of content tokens have a positive weight "
         f"(below train.sparse_health_threshold={threshold}); once none has, the sparse loss "
-        "stays at ln(candidates) and the head gets no gradient. Likely causes: a learning rate "
-        "too high for the heads of a small or fresh model, self-distillation from the first "
-        "step, the small sparse loss weight; settings to try: a lower optim.lr, a later "
-        "loss.self_distill_start_step, a larger sparse share of loss.loss_weights"
+        "stays at ln(candidates) and the head gets no gradient. The likely cause is sparse "
+        "scores that start large and wrong for loss.temperature (a first loss/sparse above "
+        "ln(candidates), worse than scoring every candidate alike): a random head at the "
+        "encoder's scale, or a temperature below the one the head was trained with. "
+        "Start from a trained sparse head or a small fresh one (model.fresh_heads), keep "
+        "loss.temperature at the head's, or lower optim.lr; a later "
+        "loss.self_distill_start_step or a larger sparse loss weight does not prevent it"
     )
