@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -159,19 +159,8 @@ class M3Embedder:
             return self.bucket_spec
         return BucketSpec(self.bucket_spec.lengths, batch_size, self.bucket_spec.max_tokens)
 
-    def _progress(self, batches: list[Batch], desc: str) -> Iterator[Batch]:
-        show = self.show_progress and len(batches) > PROGRESS_MIN_BATCHES
-        return iter(tqdm(batches, desc=desc, disable=not show))
-
-    def _pipelined(self, batches, desc, dispatch):
-        """Yields (batch, device_result), dispatching batch i+1 before fetching batch i."""
-        pending: collections.deque = collections.deque()
-        for batch in self._progress(batches, desc):
-            pending.append((batch, dispatch(batch)))
-            if len(pending) > 1:
-                yield pending.popleft()
-        while pending:
-            yield pending.popleft()
+    def _pipelined(self, batches: list[Batch], desc: str, dispatch):
+        return pipelined(batches, dispatch, show_progress=self.show_progress, desc=desc)
 
     # Encoding -----------------------------------------------------------------------------------
 
@@ -392,6 +381,22 @@ class M3Embedder:
                 tokens[self.tokenizer.decode([int(token_id)])] = weight
             converted.append(tokens)
         return converted
+
+
+def pipelined(
+    batches: list[Batch], dispatch: Callable[[Batch], Any], *, show_progress: bool, desc: str
+) -> Iterator[tuple[Batch, Any]]:
+    """Yields (batch, dispatch(batch)), dispatching batch i+1 before batch i is handed on: JAX
+    runs asynchronously, so the device computes the next batch while the host reads this one.
+    A progress bar once there are more than `PROGRESS_MIN_BATCHES` batches."""
+    show = show_progress and len(batches) > PROGRESS_MIN_BATCHES
+    pending: collections.deque = collections.deque()
+    for batch in tqdm(batches, desc=desc, disable=not show):
+        pending.append((batch, dispatch(batch)))
+        if len(pending) > 1:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
 
 
 def lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, np.float32]:

@@ -25,7 +25,9 @@ import jax
 import numpy as np
 
 from m3_jax.config import ModelConfig, tiny
-from m3_jax.model import Params, abstract_params
+from m3_jax.convert.reranker import export_reranker
+from m3_jax.model import M3Model, Params, RerankerModel, abstract_params
+from m3_jax.model.abstract import ModelClass
 from m3_jax.run_dir import save_model_dir
 from m3_jax.tokenization import load_tokenizer
 
@@ -100,7 +102,7 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 1000, seed: int = 0) 
     return out
 
 
-def random_params(config: ModelConfig, seed: int = 0) -> Params:
+def random_params(config: ModelConfig, seed: int = 0, model_class: ModelClass = M3Model) -> Params:
     """Float32 numpy params for `config` whose outputs vary visibly between tokens and texts."""
     rng = np.random.default_rng(seed)
 
@@ -123,7 +125,7 @@ def random_params(config: ModelConfig, seed: int = 0) -> Params:
             return (head_scale * (offset + rng.normal(0.0, 0.1, shape))).astype(np.float32)
         raise ValueError(f"no init rule for parameter {jax.tree_util.keystr(path)}")
 
-    return jax.tree_util.tree_map_with_path(init, abstract_params(config))
+    return jax.tree_util.tree_map_with_path(init, abstract_params(config, model_class))
 
 
 def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
@@ -133,3 +135,13 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, **config_overrides)
         tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer", seed=seed)
         config = tiny(vocab_size=len(load_tokenizer(tokenizer_dir)), **config_overrides)
         return save_model_dir(out, config, random_params(config, seed), tokenizer_dir)
+
+
+def build_tiny_reranker_dir(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """A random tiny cross-encoder in the PyTorch layout of XLMRobertaForSequenceClassification
+    (what `Reranker.from_pretrained` and transformers both load), with its tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer", seed=seed)
+        config = tiny(vocab_size=len(load_tokenizer(tokenizer_dir)), **config_overrides)
+        params = random_params(config, seed, RerankerModel)
+        return export_reranker(config, params, out_dir, tokenizer_source=tokenizer_dir)

@@ -73,19 +73,65 @@ def validate_texts(texts: Any, what: str = "sentences") -> list[str]:
     return list(texts)
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids with <s> ... </s>, truncated to `max_length` (</s> kept last), unpadded.
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, add_special_tokens: bool = True
+) -> list[list[int]]:
+    """Token ids with <s> ... </s>, truncated to `max_length` (</s> kept last), unpadded; with
+    `add_special_tokens=False`, the bare tokens truncated to `max_length`.
 
     `tokenizer` is a transformers fast tokenizer or its `tokenizers.Tokenizer` backend (what a
     data-preparation worker loads, see `save_backend`). The backend is called directly: the ids
-    of `tokenizer(texts, truncation=True, max_length=max_length)`, without converting every
-    encoding into Python dicts first, and callable where transformers is not imported."""
+    of `tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=...)`,
+    without converting every encoding into Python dicts first, and callable where transformers
+    is not imported."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     side = getattr(tokenizer, "truncation_side", None)
     direction = side or (backend.truncation or {}).get("direction", "right")
     backend.enable_truncation(max_length, direction=direction)
     backend.no_padding()
-    return [encoding.ids for encoding in backend.encode_batch(list(texts))]
+    encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+    return [encoding.ids for encoding in encodings]
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    queries: Sequence[str],
+    passages: Sequence[str],
+    query_max_length: int,
+    max_length: int,
+) -> list[list[int]]:
+    """Cross-encoder inputs `<s> query </s></s> passage </s>` (XLM-R's pair template), tokenized
+    as FlagEmbedding's rerankers do: query and passage tokenized alone without special tokens
+    (cut to `query_max_length` and `max_length`), then joined by the tokenizer's pair template,
+    cutting only the passage so the pair fits `max_length` (transformers' `prepare_for_model`
+    with `truncation='only_second'`). Cutting the joined text in one call instead would shorten
+    the query too, and give other tokens at the cut.
+
+    `tokenizer` as for `tokenize`; its post-processor supplies the template."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    side = getattr(tokenizer, "truncation_side", None)
+    direction = side or (backend.truncation or {}).get("direction", "right")
+    backend.no_padding()
+    backend.enable_truncation(query_max_length, direction=direction)
+    q_encodings = backend.encode_batch(list(queries), add_special_tokens=False)
+    backend.enable_truncation(max_length, direction=direction)
+    p_encodings = backend.encode_batch(list(passages), add_special_tokens=False)
+    backend.no_truncation()  # post_process would otherwise cut both sides (longest first)
+    specials = backend.post_processor.num_special_tokens_to_add(True)
+    pairs = []
+    for index, (q, p) in enumerate(zip(q_encodings, p_encodings, strict=True)):
+        excess = len(q.ids) + len(p.ids) + specials - max_length
+        if excess > 0:
+            if excess >= len(p.ids):
+                # transformers would log an error and return the pair longer than max_length.
+                raise ValueError(
+                    f"pair {index}: the query's {len(q.ids)} tokens and {specials} special "
+                    f"tokens leave no room for the passage within max_length={max_length}; "
+                    "lower query_max_length (default 3/4 of max_length) or raise max_length"
+                )
+            p.truncate(len(p.ids) - excess, direction=direction)
+        pairs.append(backend.post_process(q, p, add_special_tokens=True).ids)
+    return pairs
 
 
 def save_backend(tokenizer: Any, path: str | Path) -> None:

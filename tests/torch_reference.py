@@ -175,6 +175,43 @@ def build_torch_m3_dir(
     return out
 
 
+def build_torch_reranker_dir(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    seed: int = 0,
+    serialization: str = "safetensors",
+    attention_sharpness: float = 3.0,
+    **geometry,
+) -> Path:
+    """Writes a cross-encoder directory like BAAI/bge-reranker-v2-m3's with PyTorch only:
+    `XLMRobertaForSequenceClassification` with one label (config.json, model.safetensors or
+    pytorch_model.bin) and the tokenizer files."""
+    from transformers import XLMRobertaForSequenceClassification
+
+    if serialization not in ("safetensors", "bin"):
+        raise ValueError(f"serialization must be 'safetensors' or 'bin', got {serialization!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=False)
+    config = xlmr_config(tokenizer_vocab_size(tokenizer_dir), num_labels=1, **geometry)
+    model = XLMRobertaForSequenceClassification(config)
+    randomize_(model, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for layer in model.roberta.encoder.layer:
+            layer.attention.self.query.weight.mul_(attention_sharpness)
+            layer.attention.self.key.weight.mul_(attention_sharpness)
+    model.eval()
+    model.save_pretrained(str(out))
+    if serialization == "bin":
+        (out / "model.safetensors").unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, out / "pytorch_model.bin")
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    return out
+
+
 def read_torch_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The encoder state dict in the directory (safetensors first, like transformers)."""
     d = Path(model_dir)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from m3_jax.config import ATTENTION_IMPLS
 from m3_jax.inference import M3Embedder
@@ -68,6 +70,21 @@ def load_embedder(args: argparse.Namespace, **kwargs: Any):
         show_progress=not args.quiet,
         **kwargs,
     )
+
+
+def model_fingerprint(model: str) -> str:
+    """What names `--model` in an embedding cache's manifest: a local path resolved (the same
+    directory reached another way is the same model), a hub id as given."""
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.exists() else model
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Writes through a temporary file, so an interrupted run never leaves a truncated output."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def setup_logging() -> None:

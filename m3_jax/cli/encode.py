@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from m3_jax.cli.common import add_model_arguments, load_embedder
+from m3_jax.cli.common import add_model_arguments, load_embedder, model_fingerprint, write_atomic
 from m3_jax.cli.inputs import read_texts
 from m3_jax.evaluation.encoding import (
     OUTPUTS,
@@ -93,14 +92,6 @@ def _outputs(what: str) -> tuple[str, ...]:
     return tuple(o for o in OUTPUTS if o in names)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Writes through a temporary file, so an interrupted run never leaves a truncated output."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def lexical_rows(ids: Sequence[str], csr, sparse_format: str) -> list[dict]:
     """One lexical_weights.jsonl record per text, from a CSR matrix [N, vocab] in input order."""
     rows = []
@@ -147,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
     outputs = _outputs(args.what)
     # The constructor checks --max-length against the model before any manifest is written.
     embedder = load_embedder(args, passage_max_length=args.max_length)
-    local = Path(args.model).expanduser()
     out = Path(args.output)
     shards, parts = [], []
     for shard, arrays in encode_shards(
@@ -157,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         outputs=outputs,
         shard_size=args.shard_size,
         cache_dir=out,
-        model_fingerprint=str(local.resolve()) if local.exists() else args.model,
+        model_fingerprint=model_fingerprint(args.model),
         settings={"dtype": embedder.config.dtype, "attention_impl": embedder.config.attention_impl},
         shard_format=args.colbert_format,
         keys=[k for name in outputs for k in SHARD_KEYS[name]],
@@ -168,16 +158,16 @@ def run(args: argparse.Namespace) -> int:
     in_memory = tuple(o for o in outputs if o != "colbert")
     encoded = assemble(parts, np.concatenate(shards), in_memory, embedder.config.vocab_size)
 
-    _write_atomic(out / "ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
+    write_atomic(out / "ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids).encode()))
     if "dense" in outputs:
-        _write_atomic(out / "dense.npy", lambda f: np.save(f, encoded.dense))
+        write_atomic(out / "dense.npy", lambda f: np.save(f, encoded.dense))
     if "sparse" in outputs:
         lines = (
             json.dumps(r) + "\n" for r in lexical_rows(ids, encoded.sparse, args.sparse_format)
         )
-        _write_atomic(out / "lexical_weights.jsonl", lambda f: f.write("".join(lines).encode()))
+        write_atomic(out / "lexical_weights.jsonl", lambda f: f.write("".join(lines).encode()))
     if "colbert" in outputs:
         index = colbert_index(shards, [p["colbert_lengths"] for p in parts])
-        _write_atomic(out / COLBERT_INDEX, lambda f: np.save(f, index))
+        write_atomic(out / COLBERT_INDEX, lambda f: np.save(f, index))
     print(f"encoded {len(texts)} texts ({', '.join(outputs)}) into {out}")
     return 0

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from m3_jax.cli.common import add_model_arguments, floats, load_embedder
+from m3_jax.cli.common import add_model_arguments, floats, load_embedder, model_fingerprint
 from m3_jax.config import EvalConfig
 from m3_jax.evaluation.datasets import load_dataset
 from m3_jax.evaluation.evaluate import evaluate_embedder
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         measures=[m.strip() for m in args.measures.split(",")],
         settings=settings,
         cache_dir=args.cache,
-        model_fingerprint=str(Path(args.model).resolve()),
+        model_fingerprint=model_fingerprint(args.model),
         run_dir=out / "runs",
         progress=not args.quiet,
     )

@@ -22,6 +22,7 @@ from m3_jax.convert.layout import (
     ENCODER_PREFIX,
     IGNORED_PREFIXES,
     SPARSE_FILE,
+    TensorMapping,
     set_path,
     tensor_mappings,
 )
@@ -65,16 +66,30 @@ def _torch_load(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
-def read_encoder_state(src: Path) -> dict[str, np.ndarray]:
-    """The encoder tensors as float32 numpy arrays, keyed by HF XLMRobertaModel names."""
+def read_state_dict(src: Path) -> dict[str, np.ndarray]:
+    """The transformers state dict of `src` (model.safetensors, else pytorch_model.bin) as
+    float32 numpy arrays."""
     if (src / "model.safetensors").is_file():
         from safetensors.numpy import load_file
 
-        state = {k: v.astype(np.float32) for k, v in load_file(src / "model.safetensors").items()}
-    elif (src / "pytorch_model.bin").is_file():
-        state = _torch_load(src / "pytorch_model.bin")
-    else:
-        raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin")
+        return {k: v.astype(np.float32) for k, v in load_file(src / "model.safetensors").items()}
+    if (src / "pytorch_model.bin").is_file():
+        return _torch_load(src / "pytorch_model.bin")
+    raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin")
+
+
+def read_hf_config(src: Path) -> dict[str, Any]:
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: config.json is missing")
+    try:
+        return json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def read_encoder_state(src: Path) -> dict[str, np.ndarray]:
+    """The encoder tensors as float32 numpy arrays, keyed by HF XLMRobertaModel names."""
+    state = read_state_dict(src)
     if state and all(k.startswith(ENCODER_PREFIX) or k.startswith("lm_head.") for k in state):
         state = {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}
     ignored = sorted(k for k in state if k.startswith(IGNORED_PREFIXES))
@@ -116,12 +131,7 @@ def load_bge_m3(
 ) -> tuple[ModelConfig, Params, Path]:
     """(config, float32 params, resolved source dir) from a BGE-M3 PyTorch checkpoint."""
     src = resolve_source(source, cache_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: config.json is missing")
-    try:
-        hf_config = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{src / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
+    hf_config = read_hf_config(src)
     state = read_encoder_state(src)
     state.update(read_head_state(src, fresh_heads))
     colbert_weight = state.get(f"{COLBERT_FILE}:weight")
@@ -133,12 +143,24 @@ def load_bge_m3(
     mappings = tensor_mappings(config)
     if fresh_heads and not any(":" in k for k in state):
         mappings = [m for m in mappings if ":" not in m.torch_name]
+    params = params_from_state(state, mappings, src, "BGE-M3")
+    if len(mappings) < len(tensor_mappings(config)):
+        params.update(_fresh_heads(config, seed))
+    check_params(params, config, str(src))
+    return config, params, src
+
+
+def params_from_state(
+    state: dict[str, np.ndarray], mappings: list[TensorMapping], src: Path, what: str
+) -> Params:
+    """The m3_jax params of a state dict that holds exactly the tensors of `mappings`, with their
+    shapes; otherwise one error naming every missing, unknown and misshapen tensor."""
     expected = {m.torch_name for m in mappings}
     missing = sorted(expected - set(state))
     unknown = sorted(set(state) - expected)
     if missing or unknown:
         lines = [f"missing {k}" for k in missing] + [f"unknown {k}" for k in unknown]
-        raise ValueError(f"{src}: checkpoint keys do not match BGE-M3:\n  " + "\n  ".join(lines))
+        raise ValueError(f"{src}: checkpoint keys do not match {what}:\n  " + "\n  ".join(lines))
     wrong = [
         f"{m.torch_name} has shape {tuple(state[m.torch_name].shape)}, expected {m.torch_shape}"
         for m in mappings
@@ -149,14 +171,10 @@ def load_bge_m3(
             f"{src}: checkpoint tensors do not fit the geometry in config.json:\n  "
             + "\n  ".join(wrong)
         )
-
     params: Params = {}
     for m in mappings:
         set_path(params, m.path, m.to_m3(state[m.torch_name]).astype(np.float32))
-    if len(mappings) < len(tensor_mappings(config)):
-        params.update(_fresh_heads(config, seed))
-    check_params(params, config, str(src))
-    return config, params, src
+    return params
 
 
 def _fresh_heads(config: ModelConfig, seed: int) -> Params:

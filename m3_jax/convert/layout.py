@@ -1,4 +1,6 @@
-"""The one mapping between PyTorch BGE-M3 tensor names and m3_jax parameter paths.
+"""The one mapping between PyTorch tensor names and m3_jax parameter paths: BGE-M3 (the
+XLMRobertaModel state dict plus the two head files) and the XLM-R cross-encoder rerankers
+(`XLMRobertaForSequenceClassification`).
 
 Torch `nn.Linear.weight` is [out, in]; our kernels are [in, out], with attention heads kept as a
 separate axis ([embed, heads, head_dim] for q/k/v, [heads, head_dim, embed] for the output).
@@ -38,13 +40,45 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
+def _linear(torch_name: str, out_dim: int, in_dim: int, path: tuple) -> list[TensorMapping]:
+    """An `nn.Linear(in_dim, out_dim)` (weight [out, in], bias [out]) ↔ a Dense kernel and bias."""
+    return [
+        TensorMapping(
+            f"{torch_name}weight", (*path, "kernel"), _transpose, _transpose, (out_dim, in_dim)
+        ),
+        TensorMapping(f"{torch_name}bias", (*path, "bias"), _same, _same, (out_dim,)),
+    ]
+
+
 def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
+    """BGE-M3: the XLMRobertaModel state dict, then the colbert and sparse head files."""
+    maps = encoder_mappings(config)
+    for head_file, ours, out_dim in (
+        (COLBERT_FILE, "colbert_linear", config.colbert_out_dim),
+        (SPARSE_FILE, "sparse_linear", 1),
+    ):
+        maps += _linear(f"{head_file}:", out_dim, config.hidden_size, (ours,))
+    return maps
+
+
+def reranker_mappings(config: ModelConfig) -> list[TensorMapping]:
+    """A cross-encoder: the state dict of `XLMRobertaForSequenceClassification` with one label
+    (`roberta.` encoder, `classifier.dense`, `classifier.out_proj`)."""
+    e = config.hidden_size
+    maps = encoder_mappings(config, ENCODER_PREFIX)
+    maps += _linear("classifier.dense.", e, e, ("classifier", "dense"))
+    maps += _linear("classifier.out_proj.", 1, e, ("classifier", "out_proj"))
+    return maps
+
+
+def encoder_mappings(config: ModelConfig, prefix: str = "") -> list[TensorMapping]:
+    """The XLM-R encoder's tensors, named `prefix` + the XLMRobertaModel state-dict key."""
     e, h, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    m, c = config.intermediate_size, config.colbert_out_dim
+    m = config.intermediate_size
     maps: list[TensorMapping] = []
 
     def add(torch_name, shape, path, to_m3=_same, to_torch=_same):
-        maps.append(TensorMapping(torch_name, tuple(path), to_m3, to_torch, tuple(shape)))
+        maps.append(TensorMapping(prefix + torch_name, tuple(path), to_m3, to_torch, tuple(shape)))
 
     emb = ("encoder", "embeddings")
     for name, rows in (
@@ -90,20 +124,7 @@ def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
             ("intermediate.dense", "intermediate", m, e),
             ("output.dense", "output", e, m),
         ):
-            add(
-                f"{t}.{torch_dense}.weight",
-                (out_dim, in_dim),
-                (*p, ours, "kernel"),
-                _transpose,
-                _transpose,
-            )
-            add(f"{t}.{torch_dense}.bias", (out_dim,), (*p, ours, "bias"))
-    for head_file, ours, out_dim in (
-        (COLBERT_FILE, "colbert_linear", c),
-        (SPARSE_FILE, "sparse_linear", 1),
-    ):
-        add(f"{head_file}:weight", (out_dim, e), (ours, "kernel"), _transpose, _transpose)
-        add(f"{head_file}:bias", (out_dim,), (ours, "bias"))
+            maps += _linear(f"{prefix}{t}.{torch_dense}.", out_dim, in_dim, (*p, ours))
     return maps
 
 

@@ -13,6 +13,7 @@ are torch pickles, so torch is imported only to write them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,7 +112,7 @@ def _torch():
     return torch
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -143,14 +144,12 @@ def export_torch_dir(
         if value not in EXPORT_DTYPES:
             raise ValueError(f"{name}={value!r}; expected one of {EXPORT_DTYPES}")
     out = Path(out)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     check_params(params, config, "params")
     torch = _torch()
     from safetensors.numpy import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         encoder: dict[str, np.ndarray] = {}
         heads: dict[str, dict] = {COLBERT_FILE: {}, SPARSE_FILE: {}}
         tensors = iter_torch_tensors(config, params)
@@ -168,10 +167,21 @@ def export_torch_dir(
         for file, state in heads.items():
             # nn.Linear.state_dict() order, as FlagEmbedding saves them.
             torch.save({"weight": state["weight"], "bias": state["bias"]}, tmp / file)
-        _write_json(tmp / HF_CONFIG_FILE, hf_config(config, weights_dtype))
+        write_json(tmp / HF_CONFIG_FILE, hf_config(config, weights_dtype))
         for name, content in sentence_transformers_files(config).items():
-            _write_json(tmp / name, content)
+            write_json(tmp / name, content)
         copy_tokenizer_files(tokenizer_source, tmp)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into; on success it replaces `out` (so a failed
+    export never leaves a half-written model), on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         apply_umask(tmp)  # mkdtemp and safetensors write private modes
         if out.exists():
             shutil.rmtree(out)
@@ -179,10 +189,9 @@ def export_torch_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
-def _write_json(path: Path, content) -> None:
+def write_json(path: Path, content) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2) + "\n")
 
@@ -198,7 +207,7 @@ def convert_to_pytorch(
 ) -> Path:
     """Anything `load_params` reads (a model directory, a training run or one of its steps) →
     the BGE-M3 PyTorch layout."""
-    _check_out_dir(Path(out), export_kwargs.get("overwrite", False))
+    check_out_dir(Path(out), export_kwargs.get("overwrite", False))
     src = load_params(source, step=step, config_file=config_file, tokenizer_dir=tokenizer_dir)
     return export_torch_dir(
         src.config, src.params, out, tokenizer_source=src.tokenizer_dir, **export_kwargs

@@ -44,7 +44,8 @@ class RetrievalDataset:
         )
 
 
-def _doc_text(row: dict, text_field: str, where: str) -> str:
+def doc_text(row: dict, text_field: str, where: str) -> str:
+    """A document row's text: "title text" when it has a title (`where`: FILE:LINE)."""
     title = read_field(row, "title", where, optional=True) or ""
     text = read_field(row, text_field, where)
     return f"{title} {text}".strip() if title else text
@@ -61,7 +62,7 @@ def _read_docs(paths: list[Path], id_field: str, text_field: str) -> tuple[list[
                 )
             seen[doc_id] = where
             ids.append(doc_id)
-            texts.append(_doc_text(row, text_field, where))
+            texts.append(doc_text(row, text_field, where))
     if not ids:
         raise InputError(f"{', '.join(map(str, paths))}: no documents")
     return ids, texts

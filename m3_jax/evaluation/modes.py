@@ -40,6 +40,7 @@ NEEDS = {
     "colbert+sparse+dense": ("dense", "sparse", "colbert"),
 }
 Run = dict[str, dict[str, float]]
+SINGLE_SCORES = {"dense": dense_scores, "sparse": sparse_scores, "colbert": colbert_scores}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,27 +106,38 @@ def run_modes(
         runs[mode] = {}
     for q, qid in enumerate(query_ids):
         shallow = dense_top[1][q, : settings.rerank_depth] if dense_top is not None else None
-        if "colbert" in modes:
-            runs["colbert"][qid] = _scored(
-                doc_ids, shallow, colbert_scores(queries, q, corpus, shallow)
-            )
-        if "sparse+dense" in modes:
-            union = np.union1d(dense_top[1][q, : settings.top_k], sparse_top[1][q])
-            parts = [
-                dense_scores(queries, q, corpus, union),
-                sparse_scores(queries, q, corpus, union),
-            ]
-            combined = weighted_sum(parts, settings.dense_sparse_weights)
-            runs["sparse+dense"][qid] = _scored(doc_ids, union, combined)
-        if "colbert+sparse+dense" in modes:
-            parts = [
-                dense_scores(queries, q, corpus, shallow),
-                sparse_scores(queries, q, corpus, shallow),
-                colbert_scores(queries, q, corpus, shallow),
-            ]
-            combined = weighted_sum(parts, settings.all_weights)
-            runs["colbert+sparse+dense"][qid] = _scored(doc_ids, shallow, combined)
+        for mode in rerank:
+            docs = shallow
+            if mode == "sparse+dense":
+                docs = fused_candidates(dense_top[1][q, : settings.top_k], sparse_top[1][q])
+            values = candidate_scores(mode, queries, q, corpus, docs, settings)
+            runs[mode][qid] = _scored(doc_ids, docs, values)
     return runs
+
+
+def fused_candidates(dense_docs: np.ndarray, sparse_docs: np.ndarray) -> np.ndarray:
+    """sparse+dense's candidates: the union of the dense and the sparse first stage (sorted)."""
+    return np.union1d(dense_docs, sparse_docs)
+
+
+def candidate_scores(
+    mode: str,
+    queries: EncodedTexts,
+    q: int,
+    corpus: EncodedTexts,
+    docs: np.ndarray,
+    settings: RetrievalSettings = RetrievalSettings(),  # noqa: B008 (frozen dataclass)
+) -> np.ndarray:
+    """Exact `mode` scores of the corpus rows `docs` for query row `q` (float32 [len(docs)])."""
+    if mode in SINGLE_SCORES:
+        return SINGLE_SCORES[mode](queries, q, corpus, docs)
+    heads, weights = (
+        (("dense", "sparse"), settings.dense_sparse_weights)
+        if mode == "sparse+dense"
+        else (("dense", "sparse", "colbert"), settings.all_weights)
+    )
+    parts = [SINGLE_SCORES[h](queries, q, corpus, docs) for h in heads]
+    return np.asarray(weighted_sum(parts, weights), np.float32)
 
 
 def _scored(doc_ids: Sequence[str], docs: np.ndarray, values: np.ndarray) -> dict[str, float]:

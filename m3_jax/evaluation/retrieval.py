@@ -76,9 +76,16 @@ def dense_search(
 
 
 def _top_k_rows(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top k of a dense [Q, N] array, best first (ties: lower index first)."""
+    """Row-wise top k of a dense [Q, N] array, best first (ties: lower index first, also for
+    which of the documents tied at the k-th score are kept: `lax.top_k`'s rule, as dense)."""
     k = min(k, matrix.shape[1])
-    part = np.argpartition(-matrix, k - 1, axis=1)[:, :k]
+    kth = -np.partition(-matrix, k - 1, axis=1)[:, k - 1 : k]
+    # argpartition alone would keep an arbitrary subset of the documents tied at the k-th score
+    # (lexical scores tie at 0 often): keep all above it, then the lowest indices of the tied.
+    above = matrix > kth
+    tied = matrix == kth
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+    part = np.nonzero(keep)[1].reshape(len(matrix), k)
     part_scores = np.take_along_axis(matrix, part, axis=1)
     order = np.lexsort((part, -part_scores), axis=1)
     indices = np.take_along_axis(part, order, axis=1)

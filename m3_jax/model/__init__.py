@@ -1,4 +1,5 @@
-"""The M3 model: layers, attention, the XLM-R encoder, the three heads, and the params as data."""
+"""The M3 model: layers, attention, the XLM-R encoder, the three heads, the reranker's
+classification head, and the params as data."""
 
 from m3_jax.model.abstract import (
     Params,
@@ -11,12 +12,14 @@ from m3_jax.model.abstract import (
 )
 from m3_jax.model.encoder import Encoder, roberta_position_ids
 from m3_jax.model.m3 import M3Model, M3Output
+from m3_jax.model.reranker import RerankerModel
 
 __all__ = [
     "Encoder",
     "M3Model",
     "M3Output",
     "Params",
+    "RerankerModel",
     "abstract_params",
     "check_params",
     "graphdef",

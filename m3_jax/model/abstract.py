@@ -4,6 +4,9 @@
 (`encoder/layers/0/attention/query/kernel`, ...). The abstract model is traced once per config
 (`nnx.eval_shape`, seconds for the full geometry) and cached; everything that needs shapes,
 dtypes, logical axes or the graph definition derives them from it.
+
+Every function takes the model class: `M3Model` (the embedder, the default) or
+`RerankerModel` (the cross-encoder), which share the encoder and differ in their heads.
 """
 
 from __future__ import annotations
@@ -18,48 +21,54 @@ from flax import nnx
 
 from m3_jax.config import ModelConfig
 from m3_jax.model.m3 import M3Model
+from m3_jax.model.reranker import RerankerModel
 
 Params = dict[str, Any]
 
 
+ModelClass = type[M3Model] | type[RerankerModel]
+
+
 @functools.lru_cache(maxsize=16)
-def abstract_model(config: ModelConfig) -> M3Model:
-    """`M3Model(config)` with ShapeDtypeStructs for arrays: nothing allocated, traced once."""
-    return nnx.eval_shape(lambda: M3Model(config, rngs=nnx.Rngs(0)))
+def abstract_model(config: ModelConfig, model_class: ModelClass = M3Model) -> nnx.Module:
+    """`model_class(config)` with ShapeDtypeStructs for arrays: nothing allocated, traced once."""
+    return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
 
 
-def graphdef(config: ModelConfig) -> nnx.GraphDef:
+def graphdef(config: ModelConfig, model_class: ModelClass = M3Model) -> nnx.GraphDef:
     """The static structure that `nnx.merge(graphdef, params)` turns back into a model."""
-    return nnx.graphdef(abstract_model(config))
+    return nnx.graphdef(abstract_model(config, model_class))
 
 
-def abstract_params(config: ModelConfig) -> Params:
-    """The params pytree of `M3Model(config)` as ShapeDtypeStructs."""
-    return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+def abstract_params(config: ModelConfig, model_class: ModelClass = M3Model) -> Params:
+    """The params pytree of `model_class(config)` as ShapeDtypeStructs."""
+    return nnx.to_pure_dict(nnx.state(abstract_model(config, model_class), nnx.Param))
 
 
-def logical_axes(config: ModelConfig) -> Any:
+def logical_axes(config: ModelConfig, model_class: ModelClass = M3Model) -> Any:
     """The params pytree with each leaf replaced by its tuple of logical axis names."""
     names = jax.tree.map(
         lambda v: tuple(v.get_metadata()["out_sharding"]),
-        nnx.state(abstract_model(config), nnx.Param),
+        nnx.state(abstract_model(config, model_class), nnx.Param),
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     return nnx.to_pure_dict(names)
 
 
-def init_params(config: ModelConfig, seed: int) -> Params:
-    """A random init of `M3Model(config)` (traceable: under `jit` with out_shardings each device
-    computes only its own slices)."""
-    model = M3Model(config, rngs=nnx.Rngs(seed))
+def init_params(config: ModelConfig, seed: int, model_class: ModelClass = M3Model) -> Params:
+    """A random init of `model_class(config)` (traceable: under `jit` with out_shardings each
+    device computes only its own slices)."""
+    model = model_class(config, rngs=nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def check_params(params: Params, config: ModelConfig, source: str) -> None:
+def check_params(
+    params: Params, config: ModelConfig, source: str, model_class: ModelClass = M3Model
+) -> None:
     """Errors naming every missing, unexpected or wrongly shaped parameter."""
     expected = {
         jax.tree_util.keystr(path): leaf.shape
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config, model_class))
     }
     got = {
         jax.tree_util.keystr(path): np.shape(leaf)
@@ -78,10 +87,12 @@ def check_params(params: Params, config: ModelConfig, source: str) -> None:
         )
 
 
-def model_from_params(config: ModelConfig, params: Params) -> M3Model:
-    """An M3Model holding `params` (cast to config.param_dtype), after a full shape check."""
-    check_params(params, config, "params")
-    state = nnx.state(abstract_model(config))
+def model_from_params(
+    config: ModelConfig, params: Params, model_class: ModelClass = M3Model
+) -> nnx.Module:
+    """A `model_class` holding `params` (cast to config.param_dtype), after a full shape check."""
+    check_params(params, config, "params", model_class)
+    state = nnx.state(abstract_model(config, model_class))
     dtype = jnp.dtype(config.param_dtype)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
-    return nnx.merge(graphdef(config), state)
+    return nnx.merge(graphdef(config, model_class), state)
