@@ -65,7 +65,9 @@ def test_every_option_is_listed_with_its_default():
         "data prepare",
         "encode",
         "evaluate",
+        "mine",
         "score",
+        "teacher-score",
     ]
     assert all(name in parser.format_help() for name in ("encode", "score", "train"))
     for name, sub in commands.items():

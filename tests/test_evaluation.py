@@ -318,3 +318,42 @@ def test_evaluate_cli_prints_the_table(tiny_model_dir, dataset_dir, tmp_path, ca
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{m}.trec" for m in MODES)
     assert cli.main([f"--model={tiny_model_dir}", f"--data={tmp_path}"]) == 1
     assert "neither BEIR" in capsys.readouterr().err
+
+
+def test_rerank_rescores_the_top_k_of_a_mode(
+    tiny_model_dir, dataset_dir, dataset, tmp_path, capsys
+):
+    from m3_jax.cli.main import main
+    from m3_jax.evaluation.modes import rerank_run
+    from m3_jax.reranker import Reranker
+    from m3_jax.tiny import build_tiny_reranker_dir
+
+    reranker_dir = build_tiny_reranker_dir(tmp_path / "reranker")
+    reranker = Reranker.from_pretrained(reranker_dir, show_progress=False)
+    run = {
+        "q0": {"a": 0.9, "b": 0.5, "c": 0.7},
+        "q1": {"c": 0.1},
+        "q2": {},
+    }
+    queries = {"q0": "абв гд", "q1": "one two", "q2": "unused"}
+    docs = {"a": "абв ζηθ", "b": "three", "c": "gh абв"}
+    reranked = rerank_run(run, reranker, queries, docs, depth=2)
+    assert set(reranked) == {"q0", "q1", "q2"} and reranked["q2"] == {}
+    assert set(reranked["q0"]) == {"a", "c"}  # the top 2 by the first stage
+    for qid, scored in reranked.items():
+        for doc, score in scored.items():
+            assert score == pytest.approx(
+                reranker.compute_score((queries[qid], docs[doc])), abs=TOL
+            )
+
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--quiet"]
+    args += ["--modes", "dense,sparse", "--k", "10", "--out", str(out)]
+    assert main([*args, "--rerank", str(reranker_dir), "--rerank-top-k", "5"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert list(summary["metrics"]) == ["dense", "sparse", "dense+rerank"]
+    assert "dense+rerank" in capsys.readouterr().out
+    trec = (out / "runs" / "dense+rerank.trec").read_text().splitlines()
+    assert len(trec) == 5 * len(dataset.query_ids)
+    assert main([*args, "--rerank", str(reranker_dir), "--rerank-mode", "colbert"]) == 1
+    assert "--rerank-mode colbert: not among --modes" in capsys.readouterr().err

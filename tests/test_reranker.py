@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flag_reranker import flag_reranker_scores, side_environment
 from safetensors.numpy import load_file, save_file
 from torch_reference import build_torch_reranker_dir, make_texts
 
 from m3_jax.convert.reranker import export_reranker, load_reranker
 from m3_jax.reranker import Reranker
+from tools.flag_reranker import default_cache_root, run_flag_reranker, side_environment
 
 TOL = 1e-5
 MAX_LENGTH = 64  # short enough that many pairs are cut
@@ -125,17 +124,16 @@ def test_scores_match_transformers(torch_dirs, hf_tokenizer, pairs, fmt):
     np.testing.assert_allclose(ours, reference, atol=TOL, rtol=0)
 
 
-def test_scores_match_flag_reranker(torch_dirs, pairs, reranker, tmp_path_factory):
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3_jax_tests"
+def test_scores_match_flag_reranker(torch_dirs, pairs, tmp_path):
     try:
-        side_env = side_environment(cache)
+        side_env = side_environment(default_cache_root())
     except subprocess.CalledProcessError as e:  # no package index reachable
         pytest.skip(f"could not install FlagEmbedding's side environment: {e.stderr[-300:]}")
     model_dir = torch_dirs["safetensors"]
-    for kwargs in (dict(batch_size=4, max_length=MAX_LENGTH), dict(normalize=True)):
-        reference = flag_reranker_scores(side_env, model_dir, pairs, **kwargs)
+    for index, kwargs in enumerate((dict(batch_size=4, max_length=MAX_LENGTH), dict(normalize=True))):
+        reference = run_flag_reranker(side_env, model_dir, pairs, tmp_path / f"{index}.json", **kwargs)
         ours = Reranker.from_pretrained(model_dir, batch_size=4).compute_score(pairs, **kwargs)
-        np.testing.assert_allclose(ours, reference, atol=TOL, rtol=0, err_msg=str(kwargs))
+        np.testing.assert_allclose(ours, reference["scores"], atol=TOL, rtol=0, err_msg=str(kwargs))
 
 
 def test_one_pair_is_a_float_and_normalize_is_the_sigmoid(reranker, pairs):

@@ -6,7 +6,9 @@
 --model is an m3_jax model directory, a training run or a BGE-M3 PyTorch directory. Prints a table like the paper's
 (metrics as rows, modes as columns) and writes OUT/metrics.json and one TREC run file per mode
 (OUT/runs/<mode>.trec; OUT defaults to eval_results/<data dir name>). With --cache, corpus
-embeddings are kept in resumable shards.
+embeddings are kept in resumable shards. With --rerank DIR, a cross-encoder (bge-reranker-v2-m3
+or any XLMRobertaForSequenceClassification with one label) rescores the top --rerank-top-k of
+--rerank-mode: one more column, "<mode>+rerank".
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from m3_jax.config import EvalConfig
 from m3_jax.evaluation.datasets import load_dataset
 from m3_jax.evaluation.evaluate import evaluate_embedder
 from m3_jax.evaluation.modes import RetrievalSettings
-from m3_jax.scores import MODE_ALIASES, MODES
+from m3_jax.reranker import Reranker
+from m3_jax.scores import MODE_ALIASES, MODES, canonical_modes
 
 DEFAULTS = RetrievalSettings()
 
@@ -82,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="passage tokens (None: 512 or the model's)",
     )
+    parser.add_argument(
+        "--rerank", default=None, help="a cross-encoder (directory or hub id) to rerank with"
+    )
+    parser.add_argument("--rerank-mode", default="dense", help="the mode whose top-k is reranked")
+    parser.add_argument("--rerank-top-k", type=int, default=100, help="documents reranked")
+    parser.add_argument(
+        "--rerank-max-length", type=int, default=512, help="tokens per reranked pair"
+    )
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate the first N")
     parser.add_argument("--cache", default=None, help="directory for resumable corpus shards")
     parser.add_argument(
@@ -96,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("eval_results") / Path(args.data).resolve().name
     start = time.perf_counter()
     modes = MODES if args.modes is None else args.modes.split(",")
+    rerank_mode = canonical_modes([args.rerank_mode])[0]
+    if args.rerank and rerank_mode not in canonical_modes(modes):
+        raise ValueError(f"--rerank-mode {args.rerank_mode}: not among --modes {','.join(modes)}")
     settings = RetrievalSettings(
         top_k=args.top_k,
         rerank_depth=args.rerank_depth,
@@ -108,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
     embedder = load_embedder(
         args, query_max_length=args.query_max_length, passage_max_length=args.passage_max_length
     )
+    reranker = None
+    if args.rerank:
+        reranker = Reranker.from_pretrained(
+            args.rerank,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            max_length=args.rerank_max_length,
+            show_progress=not args.quiet,
+        )
     result = evaluate_embedder(
         embedder,
         dataset,
@@ -119,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         model_fingerprint=model_fingerprint(args.model),
         run_dir=out / "runs",
         progress=not args.quiet,
+        reranker=reranker,
+        rerank_mode=rerank_mode,
+        rerank_top_k=args.rerank_top_k,
     )
     seconds = time.perf_counter() - start
     print(
@@ -133,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         "num_queries": len(dataset.query_ids),
         "num_docs": len(dataset.doc_ids),
         "settings": dataclasses.asdict(settings),
+        "rerank": args.rerank
+        and {"model": args.rerank, "mode": args.rerank_mode, "top_k": args.rerank_top_k},
         "metrics": result.metrics,
         "seconds": round(seconds, 1),
     }

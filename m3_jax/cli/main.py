@@ -7,6 +7,7 @@
     m3-jax train    --config FILE [--config.KEY=VALUE ...]              the training loop
     m3-jax data prepare INPUT... --tokenizer DIR --out DIR              tokenize training data once
     m3-jax mine     INPUT... --model DIR --output OUT.jsonl             hard negatives from retrieval
+    m3-jax teacher-score INPUT... --reranker DIR --output OUT.jsonl     pos_scores / neg_scores
 
 `m3-jax COMMAND --help` shows every option with its default. A bad command line exits with 2, a
 bad input file or other user error with 1 (the message names the file and line).
@@ -18,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from m3_jax.cli import convert, data, encode, evaluate, mine, score, train
+from m3_jax.cli import convert, data, encode, evaluate, mine, score, teacher_score, train
 from m3_jax.cli.common import HelpFormatter, run_command
 
 COMMANDS = {
@@ -29,6 +30,10 @@ COMMANDS = {
     "train": (train, "train from a config file (as python train/main.py)"),
     "data": (data, "prepare training data: tokenized, deduplicated, bucketed (TFDS)"),
     "mine": (mine, "mine hard negatives for training records from the model's retrieval"),
+    "teacher-score": (
+        teacher_score,
+        "add teacher scores from a reranker or an M3 model, resumably",
+    ),
 }
 
 

@@ -18,11 +18,17 @@ from m3_jax.config import EvalConfig, ModelConfig
 from m3_jax.evaluation.datasets import RetrievalDataset, load_dataset
 from m3_jax.evaluation.encoding import encode_texts
 from m3_jax.evaluation.metrics import MEASURES, mean_metrics
-from m3_jax.evaluation.modes import RetrievalSettings, required_outputs, run_modes
+from m3_jax.evaluation.modes import (
+    RERANK_SUFFIX,
+    RetrievalSettings,
+    required_outputs,
+    rerank_run,
+    run_modes,
+)
 from m3_jax.evaluation.trec import run_file_name, write_run
 from m3_jax.inference import M3Embedder
 from m3_jax.model import Params, model_from_params
-from m3_jax.scores import MODES
+from m3_jax.scores import MODES, canonical_modes
 from m3_jax.tokenization import load_tokenizer
 
 # evaluate_retrieval reuses the last embedder (and its compiled programs) when a training loop
@@ -56,12 +62,21 @@ def evaluate_embedder(
     shard_size: int = 8192,
     run_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    reranker: Any = None,
+    rerank_mode: str = "dense",
+    rerank_top_k: int = 100,
 ) -> EvaluationResult:
     """Encodes `dataset` with an `M3Embedder`, retrieves in each mode, scores the runs.
 
     cache_dir: corpus shards on disk (resumable; see evaluation.encoding), keyed by
     `model_fingerprint`. run_dir: writes `<mode>.trec` for every mode.
+    reranker: an `m3_jax.Reranker`; the top `rerank_top_k` of `rerank_mode` (one of `modes`)
+    reranked by it are one more result, named `<rerank_mode>+rerank`.
     """
+    if reranker is not None and rerank_mode not in canonical_modes(modes):
+        raise ValueError(
+            f"rerank mode {rerank_mode!r} is not among the evaluated modes {list(modes)}"
+        )
     outputs = required_outputs(modes)
     corpus = encode_texts(
         embedder,
@@ -86,6 +101,14 @@ def evaluate_embedder(
     runs = run_modes(
         queries, corpus, dataset.query_ids, dataset.doc_ids, modes, settings, mesh=mesh
     )
+    if reranker is not None:
+        runs[rerank_mode + RERANK_SUFFIX] = rerank_run(
+            runs[rerank_mode],
+            reranker,
+            dict(zip(dataset.query_ids, dataset.query_texts, strict=True)),
+            dict(zip(dataset.doc_ids, dataset.doc_texts, strict=True)),
+            rerank_top_k,
+        )
     metrics = {mode: mean_metrics(run, dataset.qrels, ks, measures) for mode, run in runs.items()}
     if run_dir is not None:
         for mode, run in runs.items():

@@ -17,7 +17,8 @@ the ranking). Each mode gives a run {query id: {doc id: score}}.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
@@ -113,6 +114,35 @@ def run_modes(
             values = candidate_scores(mode, queries, q, corpus, docs, settings)
             runs[mode][qid] = _scored(doc_ids, docs, values)
     return runs
+
+
+RERANK_SUFFIX = "+rerank"
+
+
+def rerank_run(
+    run: Run,
+    reranker: Any,
+    query_texts: Mapping[str, str],
+    doc_texts: Mapping[str, str],
+    depth: int,
+) -> Run:
+    """Each query's top-`depth` documents of `run`, scored again by a cross-encoder
+    (`m3_jax.Reranker`; its raw logits): one `compute_score` call for all the pairs, so they
+    share the length buckets."""
+    if depth < 1:
+        raise ValueError(f"rerank depth must be >= 1, got {depth}")
+    keys = [
+        (qid, doc)
+        for qid, docs in run.items()
+        for doc, _ in sorted(docs.items(), key=lambda item: -item[1])[:depth]
+    ]
+    if not keys:
+        return {qid: {} for qid in run}
+    scores = reranker.compute_score([(query_texts[q], doc_texts[d]) for q, d in keys])
+    reranked: Run = {qid: {} for qid in run}
+    for (qid, doc), score in zip(keys, scores, strict=True):
+        reranked[qid][doc] = float(score)
+    return reranked
 
 
 def fused_candidates(dense_docs: np.ndarray, sparse_docs: np.ndarray) -> np.ndarray:
