@@ -51,9 +51,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3_jax"
 
 
-def run_flag_reranker(
-    side_env: Path, model_dir: Path, pairs: list, out: Path, **options
-) -> dict:
+def run_flag_reranker(side_env: Path, model_dir: Path, pairs: list, out: Path, **options) -> dict:
     """Runs this script in a child process; its OUT.json. options: batch_size, max_length,
     normalize, repeats."""
     out.parent.mkdir(parents=True, exist_ok=True)
