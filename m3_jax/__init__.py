@@ -7,6 +7,7 @@ _EXPORTS = {
     "M3Model": "m3_jax.model",
     "M3Output": "m3_jax.model",
     "ModelConfig": "m3_jax.config",
+    "Reranker": "m3_jax.reranker",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -48,7 +48,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from m3_jax.data.prepared import is_prepared
-from m3_jax.data.records import Record, data_files, parse_record
+from m3_jax.data.records import SCORE_FIELDS, Record, data_files, parse_record
 from m3_jax.evaluation.datasets import doc_text
 from m3_jax.evaluation.encoding import EncodedTexts, encode_texts
 from m3_jax.evaluation.modes import (
@@ -63,8 +63,6 @@ from m3_jax.input_files import InputError, read_jsonl
 log = logging.getLogger(__name__)
 
 MINING_MODES = ("dense", "sparse", "sparse+dense")
-# Teacher scores aligned with `pos` / `neg`: the new negatives would not match them.
-SCORE_FIELDS = ("pos_scores", "neg_scores")
 # Why a candidate was left out, in the order the rules apply.
 REMOVAL_REASONS = ("positive", "query", "max_score", "relative_margin")
 

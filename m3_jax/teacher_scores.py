@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from m3_jax.data.records import Record
+from m3_jax.data.records import SCORE_FIELDS, Record
 
 M3_TEACHER_WEIGHTS = (1.0, 0.3, 1.0)  # (dense, sparse, colbert): the paper's s_inter
 M3_TEACHER_TEMPERATURE = 0.02
-SCORE_FIELDS = ("pos_scores", "neg_scores")
 
 # (query, passage) pairs → one float32 score per pair.
 Scorer = Callable[[list[tuple[str, str]]], np.ndarray]

@@ -19,6 +19,8 @@ from m3_jax.input_files import InputError, read_jsonl
 # The `type` values of the new FlagEmbedding `AbsDataset`.
 RECORD_TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")
 DATA_SUFFIXES = (".jsonl", ".json")
+# Teacher scores, index-aligned with `pos` / `neg`.
+SCORE_FIELDS = ("pos_scores", "neg_scores")
 
 
 @dataclasses.dataclass(frozen=True)
