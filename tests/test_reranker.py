@@ -129,15 +129,20 @@ def test_scores_match_flag_reranker(torch_dirs, pairs, tmp_path):
         side_env = side_environment(default_cache_root())
     except subprocess.CalledProcessError as e:  # no package index reachable
         pytest.skip(f"could not install FlagEmbedding's side environment: {e.stderr[-300:]}")
-    model_dir = torch_dirs["safetensors"]
-    for index, kwargs in enumerate(
-        (dict(batch_size=4, max_length=MAX_LENGTH), dict(normalize=True))
-    ):
+    cases = [
+        ("safetensors", dict(batch_size=4, max_length=MAX_LENGTH)),
+        ("safetensors", dict(normalize=True)),
+        ("bin", dict(batch_size=8, max_length=MAX_LENGTH)),
+    ]
+    for index, (fmt, kwargs) in enumerate(cases):
+        model_dir = torch_dirs[fmt]
         reference = run_flag_reranker(
             side_env, model_dir, pairs, tmp_path / f"{index}.json", **kwargs
         )
         ours = Reranker.from_pretrained(model_dir, batch_size=4).compute_score(pairs, **kwargs)
-        np.testing.assert_allclose(ours, reference["scores"], atol=TOL, rtol=0, err_msg=str(kwargs))
+        np.testing.assert_allclose(
+            ours, reference["scores"], atol=TOL, rtol=0, err_msg=f"{fmt} {kwargs}"
+        )
 
 
 def test_one_pair_is_a_float_and_normalize_is_the_sigmoid(reranker, pairs):
