@@ -28,6 +28,7 @@ from m3_jax.tokenization import (
     insert_mcls,
     load_tokenizer,
     tokenize,
+    validate_pairs,
     validate_texts,
 )
 
@@ -270,19 +271,7 @@ class M3Embedder:
         weights [w_dense, w_sparse, w_colbert] defaulting to [1, 1, 1]. ColBERT scores ignore
         passage padding, so they do not depend on batch composition.
         """
-        single = (
-            isinstance(sentence_pairs, (list, tuple))
-            and len(sentence_pairs) == 2
-            and all(isinstance(x, str) for x in sentence_pairs)
-        )
-        pairs = [sentence_pairs] if single else sentence_pairs
-        if not isinstance(pairs, Sequence) or isinstance(pairs, str) or len(pairs) == 0:
-            raise ValueError("sentence_pairs must be a non-empty list of (query, passage) pairs")
-        for index, pair in enumerate(pairs):
-            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise ValueError(
-                    f"sentence_pairs[{index}] is not a (query, passage) pair: {pair!r:.80}"
-                )
+        queries, passages, single = validate_pairs(sentence_pairs)
         weights = (
             [1.0, 1.0, 1.0]
             if weights_for_different_modes is None
@@ -292,8 +281,6 @@ class M3Embedder:
             raise ValueError(
                 f"weights_for_different_modes needs 3 values [dense, sparse, colbert], got {weights}"
             )
-        queries = validate_texts([p[0] for p in pairs], "queries")
-        passages = validate_texts([p[1] for p in pairs], "passages")
         q_max = self._check_max_length(
             self.query_max_length if max_query_length is None else max_query_length,
             "max_query_length",
@@ -323,7 +310,7 @@ class M3Embedder:
 
         # Rows per batch come from the longer side, so neither side exceeds the token budget.
         pair_lengths = [max(len(q), len(p)) for q, p in zip(q_tokens, p_tokens, strict=True)]
-        raw = {name: np.zeros(len(pairs), np.float32) for name in OUTPUT_NAMES}
+        raw = {name: np.zeros(len(queries), np.float32) for name in OUTPUT_NAMES}
         batches = plan_batches(pair_lengths, spec, max(q_max, p_max))
         for batch, result in self._pipelined(batches, "compute_score", dispatch):
             result = jax.device_get(result)

@@ -29,28 +29,8 @@ from m3_jax.tokenization import (
     check_tokenizer_matches,
     load_tokenizer,
     tokenize_pairs,
-    validate_texts,
+    validate_pairs,
 )
-
-
-def sentence_pairs_list(sentence_pairs: Any) -> tuple[list[tuple[str, str]], bool]:
-    """(pairs, single): one (query, passage) pair or a non-empty list of them, validated."""
-    single = (
-        isinstance(sentence_pairs, list | tuple)
-        and len(sentence_pairs) == 2
-        and all(isinstance(x, str) for x in sentence_pairs)
-    )
-    pairs = [sentence_pairs] if single else sentence_pairs
-    if not isinstance(pairs, Sequence) or isinstance(pairs, str) or len(pairs) == 0:
-        raise ValueError("sentence_pairs must be a non-empty list of (query, passage) pairs")
-    for index, pair in enumerate(pairs):
-        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise ValueError(
-                f"sentence_pairs[{index}] is not a (query, passage) pair: {pair!r:.80}"
-            )
-    queries = validate_texts([p[0] for p in pairs], "queries")
-    passages = validate_texts([p[1] for p in pairs], "passages")
-    return list(zip(queries, passages, strict=True)), single
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -137,7 +117,7 @@ class Reranker:
         """Relevance scores of (query, passage) pairs: raw logits, or their sigmoid with
         `normalize`; one pair gives a float. Defaults come from the constructor (batch size 256,
         max_length 512, query_max_length 3/4 of max_length, normalize False)."""
-        pairs, single = sentence_pairs_list(sentence_pairs)
+        queries, passages, single = validate_pairs(sentence_pairs)
         max_length = self.max_length if max_length is None else max_length
         if query_max_length is None:
             query_max_length = self.query_max_length or max_length * 3 // 4
@@ -152,8 +132,8 @@ class Reranker:
             )
         token_ids = tokenize_pairs(
             self.tokenizer,
-            [self._with_instruction(q, self.query_instruction) for q, _ in pairs],
-            [self._with_instruction(p, self.passage_instruction) for _, p in pairs],
+            [self._with_instruction(q, self.query_instruction) for q in queries],
+            [self._with_instruction(p, self.passage_instruction) for p in passages],
             query_max_length,
             max_length,
         )
@@ -165,7 +145,7 @@ class Reranker:
             ids, mask = batch.pad(token_ids, self.config.pad_token_id)
             return self._forward(self._state, ids, mask)
 
-        logits = np.zeros(len(pairs), np.float32)
+        logits = np.zeros(len(queries), np.float32)
         batches = plan_batches([len(t) for t in token_ids], spec, max_length)
         for batch, result in pipelined(
             batches, dispatch, show_progress=self.show_progress, desc="rerank"

@@ -129,12 +129,16 @@ def _resume_point(partial: Path, manifest_path: Path, manifest: dict[str, Any]) 
             f"{partial}: written by a run with other {', '.join(changed)}; delete {partial.name} "
             f"and {manifest_path.name} to start again, or rerun with the same settings"
         )
-    data = partial.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        with open(partial, "r+b") as f:  # the line a kill interrupted
-            f.truncate(complete)
-    return data.count(b"\n", 0, complete)
+    lines, complete, offset = 0, 0, 0
+    with open(partial, "r+b") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # a large file is not read whole
+            lines += block.count(b"\n")
+            if b"\n" in block:
+                complete = offset + block.rfind(b"\n") + 1
+            offset += len(block)
+        if complete < offset:
+            f.truncate(complete)  # the line a kill interrupted
+    return lines
 
 
 def write_teacher_scores(

@@ -73,6 +73,27 @@ def validate_texts(texts: Any, what: str = "sentences") -> list[str]:
     return list(texts)
 
 
+def validate_pairs(sentence_pairs: Any) -> tuple[list[str], list[str], bool]:
+    """(queries, passages, single) of one (query, passage) pair or a non-empty list of them,
+    or an error naming the first bad pair or text; `single` when one pair was given."""
+    single = (
+        isinstance(sentence_pairs, list | tuple)
+        and len(sentence_pairs) == 2
+        and all(isinstance(x, str) for x in sentence_pairs)
+    )
+    pairs = [sentence_pairs] if single else sentence_pairs
+    if not isinstance(pairs, Sequence) or isinstance(pairs, str) or len(pairs) == 0:
+        raise ValueError("sentence_pairs must be a non-empty list of (query, passage) pairs")
+    for index, pair in enumerate(pairs):
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(
+                f"sentence_pairs[{index}] is not a (query, passage) pair: {pair!r:.80}"
+            )
+    queries = validate_texts([p[0] for p in pairs], "queries")
+    passages = validate_texts([p[1] for p in pairs], "passages")
+    return queries, passages, single
+
+
 def tokenize(
     tokenizer: Any, texts: Sequence[str], max_length: int, *, add_special_tokens: bool = True
 ) -> list[list[int]]:

@@ -60,6 +60,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_max_length_arguments(parser: argparse.ArgumentParser) -> None:
+    """--query-max-length and --passage-max-length, for `load_embedder`'s keyword arguments."""
+    parser.add_argument(
+        "--query-max-length", type=int, default=None, help="query tokens (None: 512 or the model's)"
+    )
+    parser.add_argument(
+        "--passage-max-length",
+        type=int,
+        default=None,
+        help="passage tokens (None: 512 or the model's)",
+    )
+
+
 def load_embedder(args: argparse.Namespace, **kwargs: Any):
     """An M3Embedder from the options of `add_model_arguments` (kwargs go to its constructor)."""
     return M3Embedder.from_pretrained(

@@ -19,7 +19,13 @@ import json
 import time
 from pathlib import Path
 
-from m3_jax.cli.common import add_model_arguments, floats, load_embedder, model_fingerprint
+from m3_jax.cli.common import (
+    add_max_length_arguments,
+    add_model_arguments,
+    floats,
+    load_embedder,
+    model_fingerprint,
+)
 from m3_jax.config import EvalConfig
 from m3_jax.evaluation.datasets import load_dataset
 from m3_jax.evaluation.evaluate import evaluate_embedder
@@ -76,15 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.all_weights,
         help="dense,sparse,colbert weights of colbert+sparse+dense",
     )
-    parser.add_argument(
-        "--query-max-length", type=int, default=None, help="query tokens (None: 512 or the model's)"
-    )
-    parser.add_argument(
-        "--passage-max-length",
-        type=int,
-        default=None,
-        help="passage tokens (None: 512 or the model's)",
-    )
+    add_max_length_arguments(parser)
     parser.add_argument(
         "--rerank", default=None, help="a cross-encoder (directory or hub id) to rerank with"
     )

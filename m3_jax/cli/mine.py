@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from m3_jax.cli.common import (
+    add_max_length_arguments,
     add_model_arguments,
     floats,
     load_embedder,
@@ -91,15 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--query-instruction", default="", help="prepended to each query for encoding only"
     )
-    parser.add_argument(
-        "--query-max-length", type=int, default=None, help="query tokens (None: 512 or the model's)"
-    )
-    parser.add_argument(
-        "--passage-max-length",
-        type=int,
-        default=None,
-        help="passage tokens (None: 512 or the model's)",
-    )
+    add_max_length_arguments(parser)
     parser.add_argument("--cache", default=None, help="directory for resumable encoding shards")
     add_model_arguments(parser, batch_size=DEFAULT_BATCH_SIZE)
 
