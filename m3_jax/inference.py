@@ -28,8 +28,10 @@ from m3_jax.tokenization import (
     insert_mcls,
     load_tokenizer,
     tokenize,
+    truncate,
     validate_pairs,
     validate_texts,
+    validate_token_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -193,23 +195,46 @@ class M3Embedder:
         max_length = self._check_max_length(
             self.passage_max_length if max_length is None else max_length, "max_length"
         )
-        outputs = tuple(
-            name
-            for name, wanted in zip(
-                OUTPUT_NAMES, (return_dense, return_sparse, return_colbert_vecs), strict=True
-            )
-            if wanted
-        )
-        if not outputs:
-            raise ValueError(
-                "nothing to return: set return_dense, return_sparse or return_colbert_vecs"
-            )
+        outputs = _wanted_outputs(return_dense, return_sparse, return_colbert_vecs)
         token_ids = tokenize(self.tokenizer, texts, max_length)
+        out = self._encode_ids(token_ids, batch_size, max_length, outputs, mcls_interval)
+        if single:
+            out = {k: (None if v is None else v[0]) for k, v in out.items()}
+        return out
+
+    def encode_token_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        mcls_interval: int | None = None,
+    ) -> dict[str, Any]:
+        """`encode` of texts already tokenized (each `<s> ... </s>`, as `tokenize` gives and a
+        prepared training set stores), each cut to `max_length` as tokenizing at it would."""
+        max_length = self._check_max_length(
+            self.passage_max_length if max_length is None else max_length, "max_length"
+        )
+        outputs = _wanted_outputs(return_dense, return_sparse, return_colbert_vecs)
+        checked = validate_token_ids(token_ids, self.config)
+        token_ids = [truncate(ids, max_length) for ids in checked]
+        return self._encode_ids(token_ids, batch_size, max_length, outputs, mcls_interval)
+
+    def _encode_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int | None,
+        max_length: int,
+        outputs: tuple[str, ...],
+        mcls_interval: int | None,
+    ) -> dict[str, Any]:
         cls_id = self.config.cls_token_id
         if mcls_interval is not None:
             token_ids = [insert_mcls(ids, mcls_interval, cls_id, max_length) for ids in token_ids]
 
-        n = len(texts)
+        n = len(token_ids)
         dense = np.zeros((n, self.config.hidden_size), np.float32) if "dense" in outputs else None
         lexical: list[dict[str, np.float32]] = [{} for _ in range(n)]
         colbert: list[np.ndarray | None] = [None] * n
@@ -236,14 +261,11 @@ class M3Embedder:
                         vecs = vecs[ids[row, 1:length] != cls_id]
                     colbert[index] = vecs
 
-        out = {
+        return {
             "dense_vecs": dense,
             "lexical_weights": lexical if "sparse" in outputs else None,
             "colbert_vecs": colbert if "colbert" in outputs else None,
         }
-        if single:
-            out = {k: (None if v is None else v[0]) for k, v in out.items()}
-        return out
 
     def encode_queries(self, queries: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("max_length", self.query_max_length)
@@ -368,6 +390,17 @@ class M3Embedder:
                 tokens[self.tokenizer.decode([int(token_id)])] = weight
             converted.append(tokens)
         return converted
+
+
+def _wanted_outputs(dense: bool, sparse: bool, colbert: bool) -> tuple[str, ...]:
+    outputs = tuple(
+        name for name, wanted in zip(OUTPUT_NAMES, (dense, sparse, colbert), strict=True) if wanted
+    )
+    if not outputs:
+        raise ValueError(
+            "nothing to return: set return_dense, return_sparse or return_colbert_vecs"
+        )
+    return outputs
 
 
 def pipelined(

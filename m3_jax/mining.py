@@ -29,6 +29,11 @@ Where we differ from hn_mine, on purpose:
   pool may leave a record with fewer than `negative_number` negatives; `MiningResult.short`
   counts them;
 - the default range is 10-100 (hn_mine's: 10-210).
+
+A prepared set (`m3-jax data prepare` output) is mined from its token ids (`mine_prepared`):
+queries as prepared (with the set's instructions), the pool its passage table (or a given
+pool, tokenized as the set's passages), and a passage is the query's own text when their
+token ids are equal; `m3_jax.data.mined_set` writes the result as a new prepared set.
 """
 
 from __future__ import annotations
@@ -47,8 +52,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from m3_jax.data.prepared import is_prepared
+from m3_jax.config import DataConfig
+from m3_jax.data.mined_set import PreparedExamples, read_examples, read_passages
+from m3_jax.data.prepare import text_key
+from m3_jax.data.prepared import PreparedSet, is_prepared, tokenizer_fingerprint
 from m3_jax.data.records import SCORE_FIELDS, Record, data_files, parse_record
+from m3_jax.data.sampler import apply_instructions
 from m3_jax.evaluation.datasets import doc_text
 from m3_jax.evaluation.encoding import EncodedTexts, encode_texts
 from m3_jax.evaluation.modes import (
@@ -59,6 +68,7 @@ from m3_jax.evaluation.modes import (
 )
 from m3_jax.evaluation.retrieval import dense_search, sparse_search
 from m3_jax.input_files import InputError, read_jsonl
+from m3_jax.tokenization import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +121,12 @@ class MiningSettings:
 def read_records(paths: Sequence[str | os.PathLike]) -> tuple[list[dict[str, Any]], list[Record]]:
     """(the JSON objects, their validated records) of FlagEmbedding jsonl files or directories,
     in input order; a bad line fails as FILE:LINE. A prepared set is refused: it holds token
-    ids, not the texts mining needs."""
+    ids, not texts."""
     for path in map(Path, paths):
         if path.is_dir() and is_prepared(path):
             raise InputError(
                 f"{path}: a prepared training set (`m3-jax data prepare` output) holds token ids, "
-                "not texts; mine from the jsonl files it was prepared from"
+                "not texts; give the jsonl files it was prepared from"
             )
     objects, records = [], []
     for file in data_files(list(paths)):
@@ -157,35 +167,33 @@ def positives_outside(records: Sequence[Record], pool: Sequence[str]) -> list[st
 
 @dataclasses.dataclass
 class MiningEncodings:
-    queries: EncodedTexts  # row i: record i's query, instruction prepended
+    queries: EncodedTexts  # row i: record i's query
     pool: EncodedTexts
-    outside: list[str]  # positives outside the pool, encoded in `positives` (None when empty)
-    positives: EncodedTexts | None
+    positives: EncodedTexts | None  # positives outside the pool (None: none encoded)
 
 
 def encode_for_mining(
     embedder,
-    records: Sequence[Record],
-    pool: Sequence[str],
+    queries: Sequence[str] | Sequence[np.ndarray],
+    pool: Sequence[str] | Sequence[np.ndarray],
     *,
     mode: str,
-    outside: Sequence[str] = (),
-    query_instruction: str = "",
+    outside: Sequence[str] | Sequence[np.ndarray] = (),
     query_max_length: int | None = None,
     passage_max_length: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_settings: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> MiningEncodings:
-    """Queries at the query max length, pool and `outside` positives at the passage max length,
-    with the outputs `mode` needs. cache_dir: resumable shards in cache_dir/{pool,queries,
-    positives}, refused when written for another model_fingerprint or `cache_settings` (as
-    `encode_shards`' settings); other keyword arguments go to `encode_texts` (model_fingerprint,
-    shard_size, progress)."""
+    """Queries at the query max length, pool and `outside` positives at the passage max length
+    (texts, or token-id arrays of a prepared set), with the outputs `mode` needs. cache_dir:
+    resumable shards in cache_dir/{pool,queries,positives}, refused when written for another
+    model_fingerprint or `cache_settings` (as `encode_shards`' settings); other keyword
+    arguments go to `encode_texts` (model_fingerprint, shard_size, progress)."""
     outputs = required_outputs([mode])
     passage_length = passage_max_length or embedder.passage_max_length
 
-    def encode(texts: Sequence[str], name: str, max_length: int) -> EncodedTexts:
+    def encode(texts, name: str, max_length: int) -> EncodedTexts:
         cache = None if cache_dir is None else Path(cache_dir) / name
         return encode_texts(
             embedder,
@@ -198,13 +206,39 @@ def encode_for_mining(
             **kwargs,
         )
 
-    queries = [query_instruction + r.query for r in records]
     return MiningEncodings(
         queries=encode(queries, "queries", query_max_length or embedder.query_max_length),
         pool=encode(pool, "pool", passage_length),
-        outside=list(outside),
-        positives=encode(outside, "positives", passage_length) if outside else None,
+        positives=encode(outside, "positives", passage_length) if len(outside) else None,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningTarget:
+    """One record as its selection sees it: the pool indices of its positives, the rows of
+    `MiningEncodings.positives` holding its positives outside the pool, and the pool index of
+    its query's own text (None: not in the pool)."""
+
+    positives: tuple[int, ...]
+    outside: tuple[int, ...]
+    query: int | None
+
+
+def targets_of_records(
+    records: Sequence[Record], pool: Sequence[str], outside: Sequence[str] = ()
+) -> list[MiningTarget]:
+    """Each record's target, texts matched exactly; `outside`: the encoded positives outside
+    the pool (`positives_outside`), empty when relative_margin is off."""
+    pool_index = {text: i for i, text in enumerate(pool)}
+    outside_index = {text: i for i, text in enumerate(outside)}
+    return [
+        MiningTarget(
+            positives=tuple(pool_index[p] for p in r.pos if p in pool_index),
+            outside=tuple(outside_index[p] for p in r.pos if p in outside_index),
+            query=pool_index.get(r.query),
+        )
+        for r in records
+    ]
 
 
 def rank_pool(
@@ -345,7 +379,7 @@ def select_negatives(
 
 @dataclasses.dataclass(frozen=True)
 class MiningResult:
-    negatives: list[list[str]]  # per record, in input order
+    negatives: list[tuple[int, ...]]  # per record, in input order: pool indices
     pool_size: int
     from_ranks: int  # negatives from the ranks, over all records
     from_fill: int  # negatives from the random fill
@@ -354,67 +388,55 @@ class MiningResult:
 
 
 def _positive_floor(
-    encodings: MiningEncodings,
-    q: int,
-    record: Record,
-    pool_index: dict[str, int],
-    outside_index: dict[str, int],
-    settings: MiningSettings,
+    encodings: MiningEncodings, q: int, target: MiningTarget, settings: MiningSettings
 ) -> float:
     """The lowest score of the record's positives for its query, in the settings' mode."""
     retrieval = settings.retrieval()
-    inside = np.array([pool_index[p] for p in record.pos if p in pool_index], np.int64)
-    scores = [
-        candidate_scores(settings.mode, encodings.queries, q, encodings.pool, inside, retrieval)
-    ]
-    rows = np.array([outside_index[p] for p in record.pos if p not in pool_index], np.int64)
-    if len(rows):
-        scores.append(
-            candidate_scores(
-                settings.mode, encodings.queries, q, encodings.positives, rows, retrieval
+    scores = []
+    for encoded, rows in (
+        (encodings.pool, target.positives),
+        (encodings.positives, target.outside),
+    ):
+        if rows:
+            rows = np.array(rows, np.int64)
+            scores.append(
+                candidate_scores(settings.mode, encodings.queries, q, encoded, rows, retrieval)
             )
-        )
+    if not scores:
+        raise ValueError(f"record {q}: relative_margin needs its positives' scores; none encoded")
     return float(np.concatenate(scores).min())
 
 
 def mine_encoded(
     encodings: MiningEncodings,
-    records: Sequence[Record],
-    pool: Sequence[str],
+    targets: Sequence[MiningTarget],
     settings: MiningSettings,
     *,
     mesh: Mesh | None = None,
     progress: bool = True,
 ) -> MiningResult:
-    """Negatives for every record from its encodings (`encode_for_mining`; with
-    relative_margin, `outside` must hold `positives_outside(records, pool)`)."""
-    if settings.relative_margin is not None:
-        missing = set(positives_outside(records, pool)) - set(encodings.outside)
-        if missing:
-            raise ValueError(
-                f"relative_margin: {len(missing)} positives outside the pool unencoded"
-            )
+    """Negatives, as pool indices, for every record from its encodings (`encode_for_mining`)
+    and target; record q samples with `default_rng([seed, q])`."""
     scores, ranked = rank_pool(encodings.queries, encodings.pool, settings, mesh=mesh)
-    if len(ranked) != len(records):
-        raise ValueError(f"encodings of {len(ranked)} queries for {len(records)} records")
-    pool_index = {text: i for i, text in enumerate(pool)}
-    outside_index = {text: i for i, text in enumerate(encodings.outside)}
+    if len(ranked) != len(targets):
+        raise ValueError(f"encodings of {len(ranked)} queries for {len(targets)} records")
+    pool_size = encodings.pool.num_texts
     retrieval = settings.retrieval()
     negatives, removed = [], collections.Counter()
     from_ranks = short = 0
-    bar = tqdm(records, desc="select", disable=not progress, unit="record")
-    for q, record in enumerate(bar):
+    bar = tqdm(targets, desc="select", disable=not progress, unit="record")
+    for q, target in enumerate(bar):
         floor = None
         if settings.relative_margin is not None:
-            floor = _positive_floor(encodings, q, record, pool_index, outside_index, settings)
+            floor = _positive_floor(encodings, q, target, settings)
         selection = select_negatives(
             ranked[q],
             scores[q],
             settings,
             np.random.default_rng([settings.seed, q]),
-            pool_size=len(pool),
-            positives=[pool_index[p] for p in record.pos if p in pool_index],
-            query=pool_index.get(record.query),
+            pool_size=pool_size,
+            positives=target.positives,
+            query=target.query,
             positive_floor=floor,
             score_docs=functools.partial(
                 candidate_scores,
@@ -425,14 +447,14 @@ def mine_encoded(
                 settings=retrieval,
             ),
         )
-        negatives.append([pool[i] for i in selection.negatives])
+        negatives.append(selection.negatives)
         from_ranks += selection.from_ranks
         short += len(selection.negatives) < settings.negative_number
         removed.update(selection.removed)
     total = sum(len(n) for n in negatives)
     return MiningResult(
         negatives,
-        len(pool),
+        pool_size,
         from_ranks,
         total - from_ranks,
         short,
@@ -446,21 +468,148 @@ def mine(
     pool: Sequence[str],
     settings: MiningSettings = MiningSettings(),  # noqa: B008 (frozen dataclass)
     *,
+    query_instruction: str = "",
     mesh: Mesh | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> MiningResult:
-    """Encodes with an `M3Embedder` (keyword arguments as `encode_for_mining`: query_instruction,
-    max lengths, cache_dir, model_fingerprint, ...) and mines every record's negatives."""
+    """Encodes with an `M3Embedder` (`query_instruction` prepended to every query for encoding
+    only; other keyword arguments as `encode_for_mining`: max lengths, cache_dir,
+    model_fingerprint, ...) and mines every record's negatives from the pool texts."""
     outside = positives_outside(records, pool) if settings.relative_margin is not None else []
     encodings = encode_for_mining(
-        embedder, records, pool, mode=settings.mode, outside=outside, progress=progress, **kwargs
+        embedder,
+        [query_instruction + r.query for r in records],
+        pool,
+        mode=settings.mode,
+        outside=outside,
+        progress=progress,
+        **kwargs,
     )
-    return mine_encoded(encodings, records, pool, settings, mesh=mesh, progress=progress)
+    targets = targets_of_records(records, pool, outside)
+    return mine_encoded(encodings, targets, settings, mesh=mesh, progress=progress)
 
 
-def mined_records(objects: Sequence[dict[str, Any]], negatives: Sequence[list[str]]) -> list[dict]:
-    """The input objects with "neg" replaced (its place kept) and teacher scores dropped."""
+# Mining a prepared set ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedMining:
+    """A prepared set mined: `negatives[i]` are example i's new negatives as passage ids (of
+    the table `passage_lengths` measures: the input's, then `new_passages`)."""
+
+    result: MiningResult
+    examples: PreparedExamples
+    negatives: list[np.ndarray]
+    passage_lengths: np.ndarray
+    new_passages: list[np.ndarray]
+
+
+def _ids_key(ids: np.ndarray) -> bytes:
+    return text_key(np.asarray(ids, np.int32).tobytes())
+
+
+def pool_passage_ids(
+    texts: Sequence[str], passages: Sequence[np.ndarray], tokenizer: Any, settings: dict[str, Any]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the passage id of each distinct pool text, the token ids of the new passages): each
+    text tokenized as the set's passages were (its passage instruction, max length); a text
+    whose ids the table holds takes that passage's id, the others ids from len(passages) on."""
+    data = DataConfig(
+        query_max_len=settings["query_max_len"],
+        passage_max_len=settings["passage_max_len"],
+        passage_instruction=settings["passage_instruction"],
+        instruction_format=settings["instruction_format"],
+    )
+    texts = apply_instructions("", texts, None, data)[1]
+    table = {}
+    for i, ids in enumerate(passages):
+        table.setdefault(_ids_key(ids), i)
+    pool, new = [], []
+    for ids in tokenize(tokenizer, texts, data.passage_max_len):
+        key = _ids_key(ids)
+        if key not in table:
+            table[key] = len(passages) + len(new)
+            new.append(np.asarray(ids, np.int32))
+        pool.append(table[key])
+    return np.asarray(unique_in_order(pool), np.int64), new
+
+
+def mine_prepared(
+    embedder,
+    source: PreparedSet,
+    settings: MiningSettings = MiningSettings(),  # noqa: B008 (frozen dataclass)
+    *,
+    pool_texts: Sequence[str] | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> PreparedMining:
+    """Mines every example of a prepared set from its token ids: the queries as prepared
+    (instructions included), the pool the whole passage table or, with `pool_texts`, those
+    texts tokenized as the set's passages. A passage whose token ids equal the query's is its
+    query's own text. Keyword arguments as `encode_for_mining` (max lengths, cache_dir, ...);
+    the embedder's tokenizer must be the set's."""
+    have = source.manifest.settings["tokenizer_fingerprint"]
+    tokenizer_dir = embedder.tokenizer.name_or_path
+    if tokenizer_fingerprint(tokenizer_dir) != have:
+        raise InputError(
+            f"{source.path}: prepared with another tokenizer than the model's ({tokenizer_dir}); "
+            "its token ids mean other words to this model (prepare the data with the model's "
+            "tokenizer)"
+        )
+    examples = read_examples(source, progress=progress)
+    passages = read_passages(source, progress=progress)
+    new: list[np.ndarray] = []
+    if pool_texts is None:
+        pool_ids = np.arange(len(passages), dtype=np.int64)
+    else:
+        pool_ids, new = pool_passage_ids(
+            pool_texts, passages, embedder.tokenizer, source.manifest.settings
+        )
+    table = passages + new
+    pool_of = {int(p): i for i, p in enumerate(pool_ids)}
+    outside: list[int] = []
+    if settings.relative_margin is not None:
+        outside = unique_in_order(
+            [int(p) for pos in examples.pos for p in pos if int(p) not in pool_of]
+        )
+    outside_of = {p: i for i, p in enumerate(outside)}
+    query_of = {}
+    for i, p in enumerate(pool_ids):
+        query_of.setdefault(_ids_key(table[p]), i)
+    targets = [
+        MiningTarget(
+            positives=tuple(pool_of[int(p)] for p in pos if int(p) in pool_of),
+            outside=tuple(outside_of[int(p)] for p in pos if int(p) in outside_of),
+            query=query_of.get(_ids_key(query)),
+        )
+        for pos, query in zip(examples.pos, examples.query_ids, strict=True)
+    ]
+    encodings = encode_for_mining(
+        embedder,
+        examples.query_ids,
+        [table[p] for p in pool_ids],
+        mode=settings.mode,
+        outside=[table[p] for p in outside],
+        progress=progress,
+        **kwargs,
+    )
+    result = mine_encoded(encodings, targets, settings, mesh=mesh, progress=progress)
+    return PreparedMining(
+        result=result,
+        examples=examples,
+        negatives=[pool_ids[list(n)] for n in result.negatives],
+        passage_lengths=np.fromiter(map(len, table), np.int64, len(table)),
+        new_passages=new,
+    )
+
+
+def mined_records(
+    objects: Sequence[dict[str, Any]], negatives: Sequence[Sequence[int]], pool: Sequence[str]
+) -> list[dict]:
+    """The input objects with "neg" replaced by the pool texts `negatives` index (its place
+    kept) and teacher scores dropped."""
     with_scores = sum(any(f in obj for f in SCORE_FIELDS) for obj in objects)
     if with_scores:
         log.warning(
@@ -472,6 +621,6 @@ def mined_records(objects: Sequence[dict[str, Any]], negatives: Sequence[list[st
     rows = []
     for obj, negs in zip(objects, negatives, strict=True):
         row = {k: v for k, v in obj.items() if k not in SCORE_FIELDS}
-        row["neg"] = list(negs)
+        row["neg"] = [pool[i] for i in negs]
         rows.append(row)
     return rows

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from m3_jax.config import ModelConfig
 
 TOKENIZER_FILES = (
@@ -94,6 +96,35 @@ def validate_pairs(sentence_pairs: Any) -> tuple[list[str], list[str], bool]:
     return queries, passages, single
 
 
+def validate_token_ids(token_ids: Any, config: ModelConfig) -> list[np.ndarray]:
+    """Each of `token_ids` as a 1-D integer array `<s> ... </s>` of the model's vocabulary;
+    errors name the first bad one."""
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence | np.ndarray):
+        raise TypeError(f"token_ids: expected a sequence of token id lists, got {token_ids!r:.80}")
+    if len(token_ids) == 0:
+        raise ValueError("token_ids: empty; expected at least one token id list")
+    out = []
+    for index, ids in enumerate(token_ids):
+        array = np.asarray(ids)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or len(array) < 2:
+            raise ValueError(
+                f"token_ids[{index}]: expected a list of at least 2 integer ids "
+                f"(<s> ... </s>), got {ids!r:.80}"
+            )
+        if array[0] != config.cls_token_id or array[-1] != config.eos_token_id:
+            raise ValueError(
+                f"token_ids[{index}]: expected <s> ({config.cls_token_id}) first and </s> "
+                f"({config.eos_token_id}) last, got {int(array[0])} ... {int(array[-1])}"
+            )
+        if array.min() < 0 or array.max() >= config.vocab_size:
+            raise ValueError(
+                f"token_ids[{index}]: ids must lie in [0, {config.vocab_size}), got "
+                f"{int(array.min())} ... {int(array.max())}"
+            )
+        out.append(array)
+    return out
+
+
 def tokenize(
     tokenizer: Any, texts: Sequence[str], max_length: int, *, add_special_tokens: bool = True
 ) -> list[list[int]]:
@@ -112,6 +143,14 @@ def tokenize(
     backend.no_padding()
     encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
     return [encoding.ids for encoding in encodings]
+
+
+def truncate(ids: np.ndarray, max_length: int) -> np.ndarray:
+    """Token ids (<s> ... </s>) cut to `max_length` keeping the last (</s>), as the tokenizer
+    truncates: already tokenized ids shortened the way tokenizing at `max_length` would."""
+    if len(ids) <= max_length:
+        return ids
+    return np.concatenate([ids[: max_length - 1], ids[-1:]])
 
 
 def tokenize_pairs(

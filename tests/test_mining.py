@@ -31,6 +31,7 @@ from m3_jax.mining import (
     read_candidate_pool,
     read_records,
     select_negatives,
+    targets_of_records,
     unique_in_order,
 )
 
@@ -45,6 +46,7 @@ class Setup:
     records: list
     pool: list[str]
     encodings: object
+    targets: list
     scores: dict[str, np.ndarray]  # mode → [Q, pool + outside] reference scores
     index: dict[str, int]  # text → column of `scores`
 
@@ -68,11 +70,10 @@ def setup(tiny_model_dir, demo_train_file) -> Setup:
     assert outside and records[1].pos[0] in outside
     encodings = encode_for_mining(
         embedder,
-        records,
+        [INSTRUCTION + r.query for r in records],
         pool,
         mode="sparse+dense",
         outside=outside,
-        query_instruction=INSTRUCTION,
         progress=False,
     )
     queries = embedder.encode(
@@ -91,7 +92,8 @@ def setup(tiny_model_dir, demo_train_file) -> Setup:
         "sparse": sparse,
         "sparse+dense": (WEIGHTS[0] * dense + WEIGHTS[1] * sparse) / sum(WEIGHTS),
     }
-    return Setup(records, pool, encodings, scores, {t: i for i, t in enumerate(texts)})
+    targets = targets_of_records(records, pool, outside)
+    return Setup(records, pool, encodings, targets, scores, {t: i for i, t in enumerate(texts)})
 
 
 def reference_ranking(setup: Setup, mode: str, end: int) -> list[np.ndarray]:
@@ -127,8 +129,11 @@ def score_of(setup: Setup, mode: str, q: int, text: str) -> float:
 
 
 def mined(setup: Setup, **settings) -> MiningResult:
+    """The result with its negatives as texts (pool indices mapped), for comparing to texts."""
     settings = MiningSettings(dense_sparse_weights=WEIGHTS, **settings)
-    return mine_encoded(setup.encodings, setup.records, setup.pool, settings, progress=False)
+    result = mine_encoded(setup.encodings, setup.targets, settings, progress=False)
+    texts = [[setup.pool[i] for i in negs] for negs in result.negatives]
+    return dataclasses.replace(result, negatives=texts)
 
 
 def assert_valid_negatives(setup: Setup, negatives: list[list[str]]) -> None:
@@ -343,7 +348,7 @@ def test_mine_command_end_to_end(tiny_model_dir, demo_train_file, tmp_path, caps
         (["--seed", "-1"], "seed -1: expected an integer >= 0"),
         ("missing", "missing.jsonl: no such file or directory"),
         ("bad line", "bad.jsonl:2: invalid JSON"),
-        ("prepared", "a prepared training set (`m3-jax data prepare` output) holds token ids"),
+        ("prepared", "manifest.json: schema version None"),
     ],
     ids=["range order", "range format", "margin", "seed", "missing input", "bad line", "prepared"],
 )

@@ -1,7 +1,9 @@
-"""Mine hard negatives for FlagEmbedding jsonl training data (FlagEmbedding's hn_mine.py rule).
+"""Mine hard negatives for FlagEmbedding jsonl training data, or a prepared training set
+(FlagEmbedding's hn_mine.py rule).
 
     m3-jax mine train/demo_data/train.jsonl --model checkpoints/bge-m3 \\
         --output data/train_minedHN.jsonl --range 10-100 --negative-number 15
+    m3-jax mine data/prepared --model checkpoints/bge-m3 --output data/prepared_minedHN
 
 Every query ranks the candidate pool (every pos and neg text of the inputs, or --candidate-pool:
 jsonl lines {"text"} or corpus lines {"id", "text", "title"}) in --mode; each record's negatives
@@ -12,11 +14,19 @@ pool below rank END tops them up. --max-score drops candidates scoring above it,
 to the fill too). The output holds one record per input record, in input order, with "neg"
 replaced and pos_scores / neg_scores dropped; it is written under a temporary name and renamed
 when complete. With --cache, the encodings are kept in resumable shards.
+
+A prepared set (`m3-jax data prepare` output, given alone) is mined from its token ids: the
+queries as prepared (with its instructions, so --query-instruction does not apply), the pool its
+passage table or --candidate-pool tokenized as its passages; a passage is a query's own text when
+their token ids are equal. --output is then a new prepared set, ready to train on: the input's
+passages (hard-linked) and queries, the new negatives, no teacher scores, buckets decided anew.
+The model's tokenizer must be the one the set was prepared with.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,12 +38,16 @@ from m3_jax.cli.common import (
     model_fingerprint,
     write_atomic,
 )
+from m3_jax.data.mined_set import check_output, write_with_negatives
+from m3_jax.data.prepared import PreparedSet, is_prepared
 from m3_jax.inference import DEFAULT_BATCH_SIZE
+from m3_jax.input_files import InputError
 from m3_jax.mining import (
     MINING_MODES,
     MiningResult,
     MiningSettings,
     mine,
+    mine_prepared,
     mined_records,
     pool_from_records,
     read_candidate_pool,
@@ -59,7 +73,11 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="jsonl files or directories")
-    parser.add_argument("--output", required=True, help="the mined jsonl file")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the mined jsonl file (for a prepared input: the prepared directory to write)",
+    )
     parser.add_argument(
         "--candidate-pool",
         default=None,
@@ -122,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         dense_sparse_weights=args.dense_sparse_weights,
         seed=args.seed,
     )
+    prepared = [path for path in args.inputs if is_prepared(path)]
+    if prepared:
+        return run_prepared(args, settings, prepared)
     objects, records = read_records(args.inputs)
     pool = (
         read_candidate_pool(args.candidate_pool)
@@ -138,20 +159,74 @@ def run(args: argparse.Namespace) -> int:
         settings,
         progress=not args.quiet,
         query_instruction=args.query_instruction,
-        cache_dir=args.cache,
-        model_fingerprint=model_fingerprint(args.model),
-        cache_settings={
-            "dtype": embedder.config.dtype,
-            "attention_impl": embedder.config.attention_impl,
-        },
+        **encoding_options(args, embedder),
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = (
         json.dumps(row, ensure_ascii=False) + "\n"
-        for row in mined_records(objects, result.negatives)
+        for row in mined_records(objects, result.negatives, pool)
     )
     write_atomic(out, lambda f: f.writelines(line.encode("utf-8") for line in lines))
     print(summary(result, len(records), settings))
     print(f"wrote {out}")
+    return 0
+
+
+def encoding_options(args: argparse.Namespace, embedder) -> dict:
+    return {
+        "cache_dir": args.cache,
+        "model_fingerprint": model_fingerprint(args.model),
+        "cache_settings": {
+            "dtype": embedder.config.dtype,
+            "attention_impl": embedder.config.attention_impl,
+        },
+    }
+
+
+def run_prepared(args: argparse.Namespace, settings: MiningSettings, prepared: list[str]) -> int:
+    if len(args.inputs) > 1:
+        raise InputError(
+            f"{prepared[0]}: a prepared set is mined by itself; give it as the only input "
+            f"(got {len(args.inputs)} inputs)"
+        )
+    if args.query_instruction:
+        raise InputError(
+            f"--query-instruction: {prepared[0]} is a prepared set, whose queries carry the "
+            "instructions they were prepared with; leave it out"
+        )
+    source = PreparedSet(prepared[0])
+    check_output(source, args.output)
+    pool = read_candidate_pool(args.candidate_pool) if args.candidate_pool else None
+    embedder = load_embedder(
+        args, query_max_length=args.query_max_length, passage_max_length=args.passage_max_length
+    )
+    mined = mine_prepared(
+        embedder,
+        source,
+        settings,
+        pool_texts=pool,
+        progress=not args.quiet,
+        **encoding_options(args, embedder),
+    )
+    provenance = {
+        "from": str(source.path.absolute()),
+        "model": model_fingerprint(args.model),
+        "candidate_pool": None if pool is None else str(Path(args.candidate_pool).absolute()),
+        "settings": dataclasses.asdict(settings),
+    }
+    write_with_negatives(
+        source,
+        mined.examples,
+        mined.negatives,
+        args.output,
+        passage_lengths=mined.passage_lengths,
+        new_passages=mined.new_passages,
+        mined=provenance,
+        progress=not args.quiet,
+    )
+    print(summary(mined.result, len(mined.negatives), settings))
+    if mined.new_passages:
+        print(f"{len(mined.new_passages)} candidate-pool passages added to the passage table")
+    print(f"wrote {args.output} (a prepared set without teacher scores)")
     return 0

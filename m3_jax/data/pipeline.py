@@ -32,15 +32,9 @@ from m3_jax.data.plan import (
 from m3_jax.data.prepared import PreparedSet
 from m3_jax.data.sampler import sample_group
 from m3_jax.input_files import InputError
+from m3_jax.tokenization import truncate
 
 HostBatch = dict[str, np.ndarray]
-
-
-def truncate(ids: np.ndarray, max_len: int) -> np.ndarray:
-    """Token ids cut to `max_len` keeping the last (</s>), as the tokenizer truncates."""
-    if len(ids) <= max_len:
-        return ids
-    return np.concatenate([ids[: max_len - 1], ids[-1:]])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -351,14 +351,14 @@ def _first_occurrence_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, owned
 
 
-def _shard_file(root: Path, name: str, split: str, index: int, count: int) -> Path:
+def shard_file(root: Path, name: str, split: str, index: int, count: int) -> Path:
     return root / f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
 
 
 # Stage 3: write one piece's shards ------------------------------------------------------------
 
 
-def _write_records(path: Path, serialized: Iterator[bytes]) -> None:
+def write_records(path: Path, serialized: Iterator[bytes]) -> None:
     if path.exists():
         return  # written before a restart; the same inputs give the same bytes
     partial = path.with_name(path.name + ".partial")
@@ -376,7 +376,7 @@ def write_piece(task: PieceWrite) -> None:
         stored = np.load(task.passages_file)
         values, lengths = stored["passage_values"], stored["passage_lengths"]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        _write_records(
+        write_records(
             task.passage_shard,
             (
                 serialize(features, {"ids": values[offsets[i] : offsets[i + 1]]})
@@ -408,7 +408,7 @@ def write_piece(task: PieceWrite) -> None:
             )
 
     for bucket, path in task.example_shards.items():
-        _write_records(path, examples(bucket))
+        write_records(path, examples(bucket))
 
 
 # The driver -----------------------------------------------------------------------------------
@@ -492,7 +492,7 @@ class Job:
     def finish(self, manifest: Manifest) -> PrepareResult:
         """The TFDS metadata and the manifest, then the staging directory renamed to `out`."""
         staging, out = self.staging, self.out
-        _write_metadata(staging, manifest)
+        write_metadata(staging, manifest)
         shutil.rmtree(staging / WORK_DIR)
         (staging / SETTINGS_FILE).unlink()
         text = json.dumps(manifest.to_json(), indent=1)
@@ -743,13 +743,13 @@ def plan_shards(
         for bucket in sorted(s.buckets):
             members = groups[(s.dataset, bucket)]
             split = split_name(s.dataset, lengths[bucket])
-            shards[bucket] = _shard_file(
+            shards[bucket] = shard_file(
                 staging, EXAMPLES_NAME, split, members.index(s.piece), len(members)
             )
         passage_shard = None
         if s.passages:
             index = owners.index(s.piece)
-            passage_shard = _shard_file(
+            passage_shard = shard_file(
                 passages_root, PASSAGES_NAME, PASSAGES_SPLIT, index, len(owners)
             )
         out.append((passage_shard, shards))
@@ -825,7 +825,7 @@ def _dataset_entry(
     )
 
 
-def _write_metadata(staging: Path, manifest: Manifest) -> None:
+def write_metadata(staging: Path, manifest: Manifest) -> None:
     """dataset_info.json and features.json of both TFDS datasets, from the shards on disk."""
     examples = [
         _split_info(staging, EXAMPLES_NAME, b.split) for d in manifest.datasets for b in d.buckets

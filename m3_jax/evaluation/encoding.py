@@ -1,7 +1,7 @@
 """Encoding a corpus (or queries) for retrieval: length-ordered shards, resumable on disk.
 
 Texts are ordered by character length (longest first, as FlagEmbedding sorts) and cut into shards
-of `shard_size`; `M3Embedder.encode` then packs each shard into its static length buckets, so
+of `shard_size` (texts already tokenized, as token-id arrays, by their length in tokens); `M3Embedder.encode` then packs each shard into its static length buckets, so
 similar lengths share padded shapes. With `cache_dir`, every finished shard is written as
 `shard-NNNNN.npz` or `.safetensors` (atomically: temporary name, then rename) next to a
 `manifest.json` that pins the texts, model fingerprint, max length, outputs and any caller settings;
@@ -44,6 +44,14 @@ class EncodedTexts:
     colbert_vecs: np.ndarray | None  # [T, D]: every text's colbert vectors, concatenated
     colbert_offsets: np.ndarray | None  # [N + 1] int64: text i owns rows offsets[i]:offsets[i+1]
 
+    @property
+    def num_texts(self) -> int:
+        if self.dense is not None:
+            return len(self.dense)
+        if self.sparse is not None:
+            return self.sparse.shape[0]
+        return len(self.colbert_offsets) - 1
+
     def colbert(self, i: int) -> np.ndarray:
         return self.colbert_vecs[self.colbert_offsets[i] : self.colbert_offsets[i + 1]]
 
@@ -55,8 +63,9 @@ def _check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
     return tuple(o for o in OUTPUTS if o in outputs)
 
 
-def _encode_shard(embedder, texts: list[str], max_length: int, outputs) -> dict[str, np.ndarray]:
-    out = embedder.encode(
+def _encode_shard(embedder, texts: list, max_length: int, outputs) -> dict[str, np.ndarray]:
+    tokenized = not isinstance(texts[0], str)
+    out = (embedder.encode_token_ids if tokenized else embedder.encode)(
         texts,
         max_length=max_length,
         return_dense="dense" in outputs,
@@ -76,10 +85,13 @@ def _encode_shard(embedder, texts: list[str], max_length: int, outputs) -> dict[
     return arrays
 
 
-def _fingerprint(texts: Sequence[str]) -> str:
+def _fingerprint(texts: Sequence[str] | Sequence[np.ndarray]) -> str:
     digest = hashlib.sha256()
     for text in texts:
-        digest.update(text.encode("utf-8"))
+        if isinstance(text, str):
+            digest.update(text.encode("utf-8"))
+        else:  # token ids: tagged, so no text list can collide with an id list
+            digest.update(b"ids:" + np.asarray(text, np.int64).tobytes())
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -131,7 +143,7 @@ def load_shard(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.nd
         return {k: data.get_tensor(k) for k in (data.keys() if keys is None else keys)}
 
 
-def shard_order(texts: Sequence[str], shard_size: int) -> list[np.ndarray]:
+def shard_order(texts: Sequence[str] | Sequence[np.ndarray], shard_size: int) -> list[np.ndarray]:
     """Input indices of each shard's texts: longest first, cut into runs of `shard_size`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -141,7 +153,7 @@ def shard_order(texts: Sequence[str], shard_size: int) -> list[np.ndarray]:
 
 def encode_shards(
     embedder,
-    texts: Sequence[str],
+    texts: Sequence[str] | Sequence[np.ndarray],
     *,
     max_length: int,
     outputs: Sequence[str] = OUTPUTS,
@@ -201,7 +213,7 @@ def encode_shards(
 
 def encode_texts(
     embedder,
-    texts: Sequence[str],
+    texts: Sequence[str] | Sequence[np.ndarray],
     *,
     max_length: int,
     outputs: Sequence[str] = OUTPUTS,
