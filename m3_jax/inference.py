@@ -141,6 +141,9 @@ class M3Embedder:
             raise ValueError("load_params: the params build a different model graph")
         self._state = state
 
+    def num_parameters(self) -> int:
+        return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self._state))
+
     def compiled_program_count(self) -> int:
         """How many XLA programs encode/compute_score have compiled so far (one per bucket shape)."""
         return self._forward._cache_size() + self._pair_scores._cache_size()
@@ -162,8 +165,9 @@ class M3Embedder:
             return self.bucket_spec
         return BucketSpec(self.bucket_spec.lengths, batch_size, self.bucket_spec.max_tokens)
 
-    def _pipelined(self, batches: list[Batch], desc: str, dispatch):
-        return pipelined(batches, dispatch, show_progress=self.show_progress, desc=desc)
+    def _pipelined(self, batches: list[Batch], desc: str, dispatch, progress: bool | None = None):
+        show = self.show_progress if progress is None else progress
+        return pipelined(batches, dispatch, show_progress=show, desc=desc)
 
     # Encoding -----------------------------------------------------------------------------------
 
@@ -176,6 +180,7 @@ class M3Embedder:
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
         mcls_interval: int | None = None,
+        **compat: Any,
     ) -> dict[str, Any]:
         """Embeds `sentences`; a single string gives single items instead of lists.
 
@@ -189,15 +194,23 @@ class M3Embedder:
         tokens, the leading one included. Inserted tokens take ordinary consecutive positions,
         count against `max_length`, and are left out of `colbert_vecs`; the sparse weights of
         [CLS] are zero as always.
+
+        Keyword arguments of sentence-transformers' and FlagEmbedding's `encode` are accepted,
+        so code written for them runs unchanged (`COMPAT_ENCODE_ARGUMENTS`): `prompt` (prepended
+        to every text), `instruction` with `instruction_format` (FlagEmbedding's "{}{}"), and
+        `show_progress_bar` are honoured; the ones that describe the fixed output (numpy,
+        L2-normalised dense vectors on the host) are accepted at the values that describe it,
+        and other values are errors.
         """
         single = isinstance(sentences, str)
         texts = validate_texts(sentences)
+        texts, progress = compat_encode_arguments(texts, compat)
         max_length = self._check_max_length(
             self.passage_max_length if max_length is None else max_length, "max_length"
         )
         outputs = _wanted_outputs(return_dense, return_sparse, return_colbert_vecs)
         token_ids = tokenize(self.tokenizer, texts, max_length)
-        out = self._encode_ids(token_ids, batch_size, max_length, outputs, mcls_interval)
+        out = self._encode_ids(token_ids, batch_size, max_length, outputs, mcls_interval, progress)
         if single:
             out = {k: (None if v is None else v[0]) for k, v in out.items()}
         return out
@@ -229,6 +242,7 @@ class M3Embedder:
         max_length: int,
         outputs: tuple[str, ...],
         mcls_interval: int | None,
+        progress: bool | None = None,
     ) -> dict[str, Any]:
         cls_id = self.config.cls_token_id
         if mcls_interval is not None:
@@ -245,7 +259,7 @@ class M3Embedder:
             return self._forward(self._state, ids, mask, pool, outputs), ids
 
         batches = plan_batches([len(t) for t in token_ids], self._spec(batch_size), max_length)
-        for batch, (result, ids) in self._pipelined(batches, "encode", dispatch):
+        for batch, (result, ids) in self._pipelined(batches, "encode", dispatch, progress):
             result = jax.device_get(result)
             for row, index in enumerate(batch.indices):
                 length = len(token_ids[index])
@@ -390,6 +404,55 @@ class M3Embedder:
                 tokens[self.tokenizer.decode([int(token_id)])] = weight
             converted.append(tokens)
         return converted
+
+
+# Other libraries' encode keyword arguments (sentence-transformers, FlagEmbedding): honoured;
+# about where to run (JAX places the work on its devices), ignored; describing the output, which
+# here is always numpy float32 L2-normalised dense vectors of the full dimension, accepted at the
+# value that describes it, or None.
+COMPAT_ENCODE_ARGUMENTS = ("prompt", "instruction", "instruction_format", "show_progress_bar")
+PLACEMENT_ARGUMENTS = ("device", "pool", "chunk_size")
+FIXED_OUTPUT_ARGUMENTS: dict[str, Any] = {
+    "convert_to_numpy": True,
+    "convert_to_tensor": False,
+    "normalize_embeddings": True,
+    "output_value": "sentence_embedding",
+    "precision": "float32",
+    "truncate_dim": None,
+    "prompt_name": None,
+}
+
+
+def compat_encode_arguments(
+    texts: list[str], compat: dict[str, Any]
+) -> tuple[list[str], bool | None]:
+    """(the texts with `prompt` / `instruction` applied, show_progress_bar or None) from other
+    libraries' encode keyword arguments; an unknown name is a TypeError, a value asking for
+    another output a ValueError."""
+    for name, value in compat.items():
+        if name in COMPAT_ENCODE_ARGUMENTS or name in PLACEMENT_ARGUMENTS:
+            continue
+        if name not in FIXED_OUTPUT_ARGUMENTS:
+            known = ", ".join(
+                [*COMPAT_ENCODE_ARGUMENTS, *PLACEMENT_ARGUMENTS, *FIXED_OUTPUT_ARGUMENTS]
+            )
+            raise TypeError(
+                f"encode() got an unexpected keyword argument {name!r} (accepted: {known})"
+            )
+        fixed = FIXED_OUTPUT_ARGUMENTS[name]
+        if value is not None and value != fixed:
+            raise ValueError(
+                f"encode({name}={value!r}): M3Embedder gives numpy float32, L2-normalised "
+                f"dense vectors of the full dimension; expected {name}={fixed!r} or None"
+            )
+    prompt = compat.get("prompt")
+    if prompt:
+        texts = [prompt + t for t in texts]
+    instruction = compat.get("instruction")
+    if instruction:
+        template = compat.get("instruction_format") or "{}{}"
+        texts = [template.format(instruction, t) for t in texts]
+    return texts, compat.get("show_progress_bar")
 
 
 def _wanted_outputs(dense: bool, sparse: bool, colbert: bool) -> tuple[str, ...]:

@@ -7,7 +7,8 @@ multi-process runs, notebook kernels):
   time of the new ones): the tests check numbers, not speed, and on these tiny programs the
   optimisation passes cost more compile time than they ever save;
 - one persistent compilation cache for the whole run, so a program compiled by one test or
-  process (a train step, say, before and after a resume) is read back by the others.
+  process (a train step, say, before and after a resume) is read back by the others;
+- MTEB's result cache in a temporary directory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {C
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="m3_jax_tests_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# `import mteb` creates its result cache directory (default ~/.cache/mteb): keep it in /tmp.
+os.environ.setdefault("MTEB_CACHE", tempfile.mkdtemp(prefix="m3_jax_tests_mteb_"))
 
 from pathlib import Path  # noqa: E402
 

@@ -327,6 +327,36 @@ def test_convert_id_to_token(embedder, loaded):
     assert embedder.convert_id_to_token(lws[0]) == converted[0]
 
 
+def test_encode_takes_other_libraries_arguments(embedder, capsys):
+    """sentence-transformers' and FlagEmbedding's encode arguments: prompt and instruction
+    prepend, the output descriptions that hold are accepted, placement is ignored."""
+    texts = ["what is a panda", "pandas eat bamboo"]
+    plain = embedder.encode(["query: " + t for t in texts])["dense_vecs"]
+    for kwargs in (
+        dict(prompt="query: "),
+        dict(instruction="query: "),
+        dict(instruction="query", instruction_format="{}: {}"),
+    ):
+        got = embedder.encode(texts, **kwargs)["dense_vecs"]
+        np.testing.assert_array_equal(got, plain)
+    same = embedder.encode(
+        texts,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+        device="cpu",
+        precision="float32",
+        output_value="sentence_embedding",
+        show_progress_bar=False,
+    )["dense_vecs"]
+    np.testing.assert_array_equal(same, embedder.encode(texts)["dense_vecs"])
+    many = [f"text number {i}" for i in range(6)]  # 6 batches of 1: a bar unless turned off
+    capsys.readouterr()
+    embedder.encode(many, batch_size=1, show_progress_bar=True)
+    assert "encode" in capsys.readouterr().err
+    embedder.encode(many, batch_size=1, show_progress_bar=False)
+    assert "encode" not in capsys.readouterr().err
+
+
 # Errors ------------------------------------------------------------------------------------------
 
 
@@ -344,6 +374,11 @@ def test_convert_id_to_token(embedder, loaded):
         ("ok", dict(max_length=0), ValueError, "max_length must be an int >= 2"),
         ("ok", dict(return_dense=False), ValueError, "nothing to return"),
         ("ok", dict(mcls_interval=0), ValueError, "MCLS interval must be positive"),
+        ("ok", dict(normalise=True), TypeError, "unexpected keyword argument 'normalise'"),
+        ("ok", dict(normalize_embeddings=False), ValueError, "expected normalize_embeddings=True"),
+        ("ok", dict(convert_to_tensor=True), ValueError, "expected convert_to_tensor=False"),
+        ("ok", dict(precision="int8"), ValueError, "expected precision='float32'"),
+        ("ok", dict(truncate_dim=8), ValueError, "expected truncate_dim=None"),
     ],
 )
 def test_encode_bad_input(embedder, sentences, kwargs, error, match):

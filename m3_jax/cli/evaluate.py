@@ -9,6 +9,16 @@
 embeddings are kept in resumable shards. With --rerank DIR, a cross-encoder (bge-reranker-v2-m3
 or any XLMRobertaForSequenceClassification with one label) rescores the top --rerank-top-k of
 --rerank-mode: one more column, "<mode>+rerank".
+
+With --mteb, the evaluation runs through MTEB (`pip install "m3_jax[mteb]"`), each retrieval
+task in each of --modes (m3_jax's own retrieval behind MTEB's search protocol, so the numbers
+equal this command's), other MTEB task types with the dense vectors:
+
+    m3-jax evaluate --model BAAI/bge-m3 --mteb MIRACLRetrieval --mteb-languages ara,ben
+    m3-jax evaluate --model runs/demo_cpu --data train/demo_data/heldout_beir --mteb
+
+--mteb TASK,... names MTEB tasks (their data come from the Hugging Face hub); --mteb alone
+evaluates --data as a local MTEB task. MTEB's result files go to OUT/mteb.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from m3_jax.config import EvalConfig
 from m3_jax.evaluation.datasets import load_dataset
 from m3_jax.evaluation.evaluate import evaluate_embedder
 from m3_jax.evaluation.modes import RetrievalSettings
+from m3_jax.integrations.mteb import evaluate_tasks, import_mteb, local_retrieval_task
 from m3_jax.reranker import Reranker
 from m3_jax.scores import MODE_ALIASES, MODES, canonical_modes
 
@@ -49,7 +60,23 @@ def format_table(metrics: dict[str, dict[str, float]], scale: float = 100.0) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="BEIR or MIRACL dataset directory")
+    parser.add_argument(
+        "--data", default=None, help="BEIR or MIRACL dataset directory (needed unless --mteb TASK)"
+    )
+    parser.add_argument(
+        "--mteb",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TASK,...",
+        help="evaluate through MTEB: these MTEB tasks, or with no names --data as a local task",
+    )
+    parser.add_argument(
+        "--mteb-languages",
+        default=None,
+        help="comma-separated: the hub tasks' languages to run (ISO 639-3, e.g. ara,ben; None: "
+        "all), or the local task's (e.g. eng-Latn, the default)",
+    )
     parser.add_argument(
         "--split", default=None, help="qrels split (None: BEIR test, MIRACL dev, else the only one)"
     )
@@ -102,18 +129,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mteb is not None:
+        return run_mteb(args)
+    if args.data is None:
+        raise ValueError(
+            "--data: required (a BEIR or MIRACL dataset directory), unless --mteb TASK"
+        )
     out = Path(args.out) if args.out else Path("eval_results") / Path(args.data).resolve().name
     start = time.perf_counter()
     modes = MODES if args.modes is None else args.modes.split(",")
     rerank_mode = canonical_modes([args.rerank_mode])[0]
     if args.rerank and rerank_mode not in canonical_modes(modes):
         raise ValueError(f"--rerank-mode {args.rerank_mode}: not among --modes {','.join(modes)}")
-    settings = RetrievalSettings(
-        top_k=args.top_k,
-        rerank_depth=args.rerank_depth,
-        dense_sparse_weights=args.dense_sparse_weights,
-        all_weights=args.all_weights,
-    )
+    settings = retrieval_settings(args)
     dataset = load_dataset(args.data, args.split)
     if args.max_queries:
         dataset = dataset.subset(args.max_queries)
@@ -167,3 +195,98 @@ def run(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {path} and {out / 'runs'}/<mode>.trec")
     return 0
+
+
+def retrieval_settings(args: argparse.Namespace) -> RetrievalSettings:
+    return RetrievalSettings(
+        top_k=args.top_k,
+        rerank_depth=args.rerank_depth,
+        dense_sparse_weights=args.dense_sparse_weights,
+        all_weights=args.all_weights,
+    )
+
+
+def mteb_tasks(args: argparse.Namespace) -> tuple[list, str]:
+    """(the MTEB tasks --mteb names, or --data as a local task; a name for OUT)."""
+    languages = args.mteb_languages and [c.strip() for c in args.mteb_languages.split(",")]
+    if args.mteb == "":
+        if args.data is None:
+            raise ValueError(
+                "--mteb without task names evaluates --data as a local task: give --data"
+            )
+        task = local_retrieval_task(
+            args.data,
+            split=args.split,
+            languages=languages or ["eng-Latn"],
+            max_queries=args.max_queries,
+        )
+        return [task], Path(args.data).resolve().name
+    if args.data is not None or args.max_queries:
+        raise ValueError(
+            "--mteb TASK,...: MTEB loads the tasks' data; leave out --data and --max-queries"
+        )
+    names = [n.strip() for n in args.mteb.split(",") if n.strip()]
+    splits = None if args.split is None else [args.split]
+    try:
+        tasks = import_mteb().get_tasks(tasks=names, languages=languages, eval_splits=splits)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--mteb {args.mteb}: {e.args[0]}") from None
+    return list(tasks), "mteb-" + "-".join(names)
+
+
+def run_mteb(args: argparse.Namespace) -> int:
+    if args.rerank:
+        raise ValueError("--rerank: not available with --mteb (MTEB scores one model at a time)")
+    tasks, label = mteb_tasks(args)
+    out = Path(args.out) if args.out else Path("eval_results") / label
+    modes = canonical_modes(MODES if args.modes is None else args.modes.split(","))
+    embedder = load_embedder(
+        args, query_max_length=args.query_max_length, passage_max_length=args.passage_max_length
+    )
+    start = time.perf_counter()
+    name = "m3_jax/" + (
+        Path(args.model).resolve().name
+        if Path(args.model).exists()
+        else args.model.replace("/", "__")
+    )
+    results = evaluate_tasks(
+        embedder,
+        tasks,
+        modes,
+        name=name,
+        results_dir=out / "mteb",
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        settings=retrieval_settings(args),
+        cache_dir=args.cache,
+        model_fingerprint=model_fingerprint(args.model),
+    )
+    seconds = time.perf_counter() - start
+    for task, by_mode in results.items():
+        print(f"{task} (MTEB main score x100, {seconds:.1f}s)")
+        print(format_mteb_table(by_mode))
+    path = out / "mteb_metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"model": args.model, "modes": list(modes), "results": results}
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"wrote {path} and MTEB's result files under {out / 'mteb'}")
+    return 0
+
+
+def format_mteb_table(by_mode: dict[str, dict[str, dict]]) -> str:
+    """split/subset rows (and their mean) x mode columns of MTEB's main score, x100."""
+    modes = list(by_mode)
+    rows = list(next(iter(by_mode.values())))
+    main = {m: {r: float(by_mode[m][r]["main_score"]) for r in rows} for m in modes}
+    if len(rows) > 1:
+        for m in modes:
+            main[m]["mean"] = sum(main[m].values()) / len(rows)
+        rows.append("mean")
+    width = max(12, *(len(m) + 2 for m in modes))
+    first = max(12, *(len(r) + 2 for r in rows))
+    lines = ["subset".ljust(first) + "".join(m.rjust(width) for m in modes)]
+    for r in rows:
+        lines.append(
+            r.ljust(first) + "".join(f"{main[m][r] * 100:.2f}".rjust(width) for m in modes)
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Adapters to other libraries' protocols; each module needs its own optional extra."""
