@@ -162,3 +162,21 @@ def test_evaluate_command_mteb_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_evaluate_command_without_network(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A hub task's data that cannot be fetched is one error line with the offline way."""
+    from m3_jax.cli import evaluate as command
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'mteb/scifact' on the Hub")
+
+    monkeypatch.setattr(command, "evaluate_tasks", unreachable)
+    code = run_evaluate(
+        "--model", tiny_model_dir, "--mteb", "SciFact", "--out", tmp_path, "--quiet"
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert (
+        err[0].startswith("error: --mteb SciFact: Couldn't reach") and "--data DIR --mteb" in err[0]
+    )

@@ -24,6 +24,7 @@ USER_ERRORS = (
     ValueError,
     ImportError,
     FloatingPointError,
+    ConnectionError,  # a hub download without network
 )
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"

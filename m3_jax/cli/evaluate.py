@@ -249,18 +249,24 @@ def run_mteb(args: argparse.Namespace) -> int:
         if Path(args.model).exists()
         else args.model.replace("/", "__")
     )
-    results = evaluate_tasks(
-        embedder,
-        tasks,
-        modes,
-        name=name,
-        results_dir=out / "mteb",
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        settings=retrieval_settings(args),
-        cache_dir=args.cache,
-        model_fingerprint=model_fingerprint(args.model),
-    )
+    try:
+        results = evaluate_tasks(
+            embedder,
+            tasks,
+            modes,
+            name=name,
+            results_dir=out / "mteb",
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            settings=retrieval_settings(args),
+            cache_dir=args.cache,
+            model_fingerprint=model_fingerprint(args.model),
+        )
+    except ConnectionError as e:
+        raise ConnectionError(
+            f"--mteb {args.mteb}: {e}; MTEB fetches its tasks' data from the Hugging Face hub "
+            "(offline, evaluate a local copy: --data DIR --mteb)"
+        ) from None
     seconds = time.perf_counter() - start
     for task, by_mode in results.items():
         print(f"{task} (MTEB main score x100, {seconds:.1f}s)")
