@@ -70,10 +70,10 @@ def load_params(
     if is_model_dir(path) and not is_run_dir(path):
         if step is not None:
             raise ValueError(f"{path} is a model directory (one set of params); drop step={step}")
-        config = read_config(config_file or path / CONFIG_FILE)
+        config = read_config(config_file or path / CONFIG_FILE).replace(**config_overrides)
         params = restore_params(path / PARAMS_DIR, config)
         return LoadedParams(
-            config.replace(**config_overrides),
+            config,
             params,
             Path(tokenizer_dir or path),
             f"model dir {path}",
@@ -106,10 +106,8 @@ def _load_run(
     elif step not in steps:
         raise ValueError(f"{run / CHECKPOINT_DIR}: no checkpoint for step {step}; have {steps}")
     info = None if config_file and tokenizer_dir else run_info_dir(run)
-    config = read_config(config_file or info / CONFIG_FILE)
+    config = read_config(config_file or info / CONFIG_FILE).replace(**config_overrides)
     tokenizer = check_tokenizer_dir(tokenizer_dir or info, f"run {run}")
     state_dir = run / CHECKPOINT_DIR / str(step) / STATE_ITEM
     params = restore_params(state_dir, config, subtree="params")
-    return LoadedParams(
-        config.replace(**config_overrides), params, tokenizer, f"run {run}, step {step}", step
-    )
+    return LoadedParams(config, params, tokenizer, f"run {run}, step {step}", step)

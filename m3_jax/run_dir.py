@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from m3_jax.config import ModelConfig
-from m3_jax.model import Params, check_params
+from m3_jax.model import Params, check_params, layers_stacked, params_in_layout, per_layer
 from m3_jax.tokenization import TOKENIZER_FILES, has_tokenizer
 
 # Model directory.
@@ -93,7 +93,8 @@ def save_model_dir(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    check_params(params, config, str(out))
+    layout_config, params = per_layer(config, params)  # files hold one subtree per layer
+    check_params(params, layout_config, str(out))
     # Every process checks the directory before any of them writes.
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_model_dir {out}")
@@ -203,7 +204,8 @@ def restore_params(
 ) -> Params:
     """The params in an orbax pytree checkpoint (a model directory's `params/`, or the `params`
     entry of a train state with `subtree="params"`) as float32 host numpy arrays, after checking
-    every name and shape against `config`."""
+    every name and shape against `config`; in the layer layout `config.scan_layers` says, whichever
+    layout the checkpoint holds."""
     path = Path(path).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -217,7 +219,8 @@ def restore_params(
             raise ValueError(f"{path}: checkpoint has no '{subtree}' entry (found {keys})")
         tree = tree[subtree]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _int_keys(tree))
-    check_params(target, config, str(path))
+    # A train state of a scan_layers run holds stacked layers, model directories per-layer ones.
+    check_params(target, config.replace(scan_layers=layers_stacked(target)), str(path))
     item = target if subtree is None else {subtree: target}
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), item
@@ -227,4 +230,5 @@ def restore_params(
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
-    return restored[subtree] if subtree is not None else restored
+    restored = restored[subtree] if subtree is not None else restored
+    return params_in_layout(restored, config.scan_layers)

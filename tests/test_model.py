@@ -13,7 +13,15 @@ import pytest
 from flax import nnx
 
 from m3_jax.config import ModelConfig, bge_m3, tiny
-from m3_jax.model import M3Model, abstract_params, model_from_params, roberta_position_ids
+from m3_jax.model import (
+    M3Model,
+    abstract_params,
+    layers_stacked,
+    logical_axes,
+    model_from_params,
+    params_in_layout,
+    roberta_position_ids,
+)
 from m3_jax.model.heads import l2_normalize
 from m3_jax.tiny import random_params
 
@@ -193,12 +201,38 @@ def test_remat_same_outputs_and_gradients():
         np.testing.assert_allclose(np.asarray(g_r), np.asarray(g), rtol=1e-5, atol=1e-6)
 
 
+def test_scan_layers_hold_stacked_params():
+    """scan_layers models keep one leaf per layer weight, [num_layers, ...]; params_in_layout
+    converts both ways without changing a value."""
+    config = tiny(vocab_size=VOCAB, num_hidden_layers=3)
+    stacked_config = config.replace(scan_layers=True)
+    per_layer = random_params(config, 1)
+    stacked = params_in_layout(per_layer, stacked=True)
+    assert not layers_stacked(per_layer) and layers_stacked(stacked)
+    shapes = jax.tree.map(lambda x: x.shape, abstract_params(stacked_config))
+    assert jax.tree.map(lambda x: x.shape, stacked) == shapes
+    kernel = stacked["encoder"]["layers"]["attention"]["query"]["kernel"]
+    for i in range(3):
+        np.testing.assert_array_equal(
+            kernel[i], per_layer["encoder"]["layers"][i]["attention"]["query"]["kernel"]
+        )
+    back = params_in_layout(stacked, stacked=False)
+    assert jax.tree.structure(back) == jax.tree.structure(per_layer)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(per_layer), strict=True):
+        np.testing.assert_array_equal(a, b)
+    axes = logical_axes(stacked_config)["encoder"]["layers"]["attention"]["query"]["kernel"]
+    assert axes == (None, "embed", "heads", "kv")
+    leaves = len(jax.tree.leaves(abstract_params(stacked_config)))
+    assert leaves == len(jax.tree.leaves(abstract_params(config.replace(num_hidden_layers=1))))
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_scan_over_layers_same_outputs_and_gradients(remat):
     """One lax.scan over the stacked layers equals the unrolled stack, dropout masks included."""
     config = tiny(vocab_size=VOCAB, num_hidden_layers=3, remat=remat)
-    plain = build(config, 2)
-    scanned = with_config(plain, config.replace(scan_layers=True))
+    params = random_params(config, 2)
+    plain = model_from_params(config, params)
+    scanned = model_from_params(config.replace(scan_layers=True), params)
     ids, mask = batch(3)
     rng = jax.random.key(7, impl="rbg")
     (value, grads), _ = _loss_and_grad(plain, ids, mask, rng)
@@ -212,6 +246,9 @@ def test_scan_over_layers_same_outputs_and_gradients(remat):
         np.testing.assert_allclose(
             np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), rtol=1e-5, atol=1e-6
         )
+    grads_s = params_in_layout(nnx.to_pure_dict(grads_s), stacked=False)
+    grads = nnx.to_pure_dict(grads)
+    assert jax.tree.structure(grads_s) == jax.tree.structure(grads)
     for g, g_s in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_s), strict=True):
         # atol: a few fp32 roundings of the O(1) terms that cancel into gradients near zero.
         np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=1e-5, atol=2e-6)

@@ -183,6 +183,9 @@ class TrainConfig:
     keep_checkpoints: int = knob(3, "newest checkpoints kept")
     async_checkpoint: bool = knob(True, "write checkpoints in the background")
     compilation_cache_dir: str = knob("~/.cache/m3_jax/xla", "persistent XLA cache; '' = off")
+    compile_workers: int = knob(
+        -1, "threads compiling the bucket programs ahead of their first step; -1 = one per core"
+    )
     peak_flops_per_s: float = knob(0.0, "for MFU; 0 = measure a large matmul at start")
     progress: bool = knob(True, "progress bars and metric lines on stdout")
     sparse_health_threshold: float = knob(

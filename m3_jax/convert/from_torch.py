@@ -26,7 +26,7 @@ from m3_jax.convert.layout import (
     set_path,
     tensor_mappings,
 )
-from m3_jax.model import Params, check_params, init_params
+from m3_jax.model import Params, check_params, init_params, params_in_layout
 from m3_jax.run_dir import save_model_dir
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ def load_bge_m3(
     params = params_from_state(state, mappings, src, "BGE-M3")
     if len(mappings) < len(tensor_mappings(config)):
         params.update(_fresh_heads(config, seed))
-    check_params(params, config, str(src))
-    return config, params, src
+    check_params(params, config.replace(scan_layers=False), str(src))
+    return config, params_in_layout(params, config.scan_layers), src
 
 
 def params_from_state(
@@ -178,7 +178,8 @@ def params_from_state(
 
 
 def _fresh_heads(config: ModelConfig, seed: int) -> Params:
-    full = init_params(config.replace(num_hidden_layers=0, param_dtype="float32"), seed)
+    heads_only = config.replace(num_hidden_layers=0, scan_layers=False, param_dtype="float32")
+    full = init_params(heads_only, seed)
     heads = {k: full[k] for k in ("colbert_linear", "sparse_linear")}
     return jax.tree.map(lambda x: np.asarray(x, np.float32), heads)
 

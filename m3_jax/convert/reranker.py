@@ -32,7 +32,7 @@ from m3_jax.convert.to_torch import (
     staged_dir,
     write_json,
 )
-from m3_jax.model import Params, RerankerModel, check_params
+from m3_jax.model import Params, RerankerModel, check_params, params_in_layout, per_layer
 from m3_jax.run_dir import copy_tokenizer_files
 
 ARCHITECTURE = "XLMRobertaForSequenceClassification"
@@ -66,8 +66,8 @@ def load_reranker(
     ignored = tuple(ENCODER_PREFIX + p for p in IGNORED_PREFIXES)
     state = {k: v for k, v in read_state_dict(src).items() if not k.startswith(ignored)}
     params = params_from_state(state, reranker_mappings(config), src, ARCHITECTURE)
-    check_params(params, config, str(src), RerankerModel)
-    return config, params, src
+    check_params(params, config.replace(scan_layers=False), str(src), RerankerModel)
+    return config, params_in_layout(params, config.scan_layers), src
 
 
 def export_reranker(
@@ -83,6 +83,7 @@ def export_reranker(
     tokenizer files) to `out`, staged in a temporary sibling and renamed when complete."""
     out = Path(out)
     check_out_dir(out, overwrite)
+    config, params = per_layer(config, params)
     check_params(params, config, "params", RerankerModel)
     from safetensors.numpy import save_file
 

@@ -28,7 +28,7 @@ from m3_jax.config import ModelConfig
 from m3_jax.convert.layout import COLBERT_FILE, SPARSE_FILE, get_path, tensor_mappings
 from m3_jax.file_modes import apply_umask
 from m3_jax.loading import load_params
-from m3_jax.model import Params, check_params
+from m3_jax.model import Params, check_params, per_layer
 from m3_jax.run_dir import copy_tokenizer_files
 
 ENCODER = "encoder"
@@ -52,6 +52,7 @@ def iter_torch_tensors(
 def torch_state_dicts(config: ModelConfig, params: Params) -> dict[str, dict[str, np.ndarray]]:
     """{'encoder': XLMRobertaModel state dict, 'colbert_linear.pt': ..., 'sparse_linear.pt': ...}
     as float32 numpy arrays in PyTorch layout ([out, in] linear weights)."""
+    config, params = per_layer(config, params)
     check_params(params, config, "params")
     out: dict[str, dict[str, np.ndarray]] = {}
     for file, key, value in iter_torch_tensors(config, params):
@@ -145,6 +146,7 @@ def export_torch_dir(
             raise ValueError(f"{name}={value!r}; expected one of {EXPORT_DTYPES}")
     out = Path(out)
     check_out_dir(out, overwrite)
+    config, params = per_layer(config, params)
     check_params(params, config, "params")
     torch = _torch()
     from safetensors.numpy import save_file

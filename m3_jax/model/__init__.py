@@ -7,8 +7,11 @@ from m3_jax.model.abstract import (
     check_params,
     graphdef,
     init_params,
+    layers_stacked,
     logical_axes,
     model_from_params,
+    params_in_layout,
+    per_layer,
 )
 from m3_jax.model.encoder import Encoder, roberta_position_ids
 from m3_jax.model.m3 import M3Model, M3Output
@@ -24,7 +27,10 @@ __all__ = [
     "check_params",
     "graphdef",
     "init_params",
+    "layers_stacked",
     "logical_axes",
     "model_from_params",
+    "params_in_layout",
+    "per_layer",
     "roberta_position_ids",
 ]

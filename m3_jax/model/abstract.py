@@ -1,7 +1,10 @@
 """The model as data: its params pytree, abstract shapes, logical axes, and shape checks.
 
 `Params` is the plain nested dict that optax, orbax, sharding and conversion all use
-(`encoder/layers/0/attention/query/kernel`, ...). The abstract model is traced once per config
+(`encoder/layers/0/attention/query/kernel`, ...). With `scan_layers` the layers are stacked
+instead (`encoder/layers/attention/query/kernel` of shape [num_layers, ...]); model directories,
+PyTorch checkpoints and conversion use the per-layer layout, and `params_in_layout` turns one into
+the other where params cross that boundary. The abstract model is traced once per config
 (`nnx.eval_shape`, seconds for the full geometry) and cached; everything that needs shapes,
 dtypes, logical axes or the graph definition derives them from it.
 
@@ -87,10 +90,45 @@ def check_params(
         )
 
 
+def layers_stacked(params: Params) -> bool:
+    """Whether the encoder layers in `params` are stacked (`scan_layers`) rather than indexed."""
+    layers = params.get("encoder", {}).get("layers", {})
+    return bool(layers) and not all(isinstance(k, int) for k in layers)
+
+
+def _stack(leaves: list[Any]) -> Any:
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def params_in_layout(params: Params, stacked: bool) -> Params:
+    """`params` with the encoder layers stacked (as `scan_layers` models hold them) or one
+    subtree per layer index (model directories, conversion); the same arrays, nothing else moves.
+    Numpy leaves stay numpy; jax arrays (sharded ones too) stay on their devices."""
+    if layers_stacked(params) == stacked or not params.get("encoder", {}).get("layers"):
+        return params
+    layers = params["encoder"]["layers"]
+    if stacked:
+        per_layer = [layers[i] for i in range(len(layers))]
+        new_layers = jax.tree.map(lambda *leaves: _stack(list(leaves)), *per_layer)
+    else:
+        count = jax.tree.leaves(layers)[0].shape[0]
+        new_layers = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)}
+    return {**params, "encoder": {**params["encoder"], "layers": new_layers}}
+
+
+def per_layer(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """(config, params) in the per-layer layout that files and conversion mappings use."""
+    return config.replace(scan_layers=False), params_in_layout(params, stacked=False)
+
+
 def model_from_params(
     config: ModelConfig, params: Params, model_class: ModelClass = M3Model
 ) -> nnx.Module:
-    """A `model_class` holding `params` (cast to config.param_dtype), after a full shape check."""
+    """A `model_class` holding `params` (cast to config.param_dtype; either layer layout), after
+    a full shape check."""
+    params = params_in_layout(params, config.scan_layers)
     check_params(params, config, "params", model_class)
     state = nnx.state(abstract_model(config, model_class))
     dtype = jnp.dtype(config.param_dtype)

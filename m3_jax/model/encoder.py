@@ -110,15 +110,26 @@ _apply_layer_remat = nnx.remat(_apply_layer)
 
 
 class Encoder(nnx.Module):
-    """Embeddings followed by `num_hidden_layers` post-LN layers; returns the last hidden state."""
+    """Embeddings followed by `num_hidden_layers` post-LN layers; returns the last hidden state.
+
+    With `scan_layers` the layers are one EncoderLayer whose params carry a leading layer axis
+    (`nnx.vmap` at init) and run as one `lax.scan`: XLA compiles one layer, and the optimizer
+    sees one leaf per layer weight instead of one per layer and weight. Without it they are a
+    list, one module per layer. `abstract.params_in_layout` converts between the two layouts;
+    model directories and PyTorch checkpoints hold the per-layer one.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layers = nnx.List(
-            [EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
+        self.num_layers = config.num_hidden_layers
         self.remat = config.remat
         self.scan_layers = config.scan_layers
+        if config.scan_layers:
+            self.layers = _stacked_layers(config, rngs)
+        else:
+            self.layers = nnx.List(
+                [EncoderLayer(config, rngs=rngs) for _ in range(self.num_layers)]
+            )
 
     def __call__(
         self,
@@ -129,7 +140,7 @@ class Encoder(nnx.Module):
     ) -> jax.Array:
         """input_ids, attention_mask: [batch, length] → hidden states [batch, length, hidden]."""
         # Layers use fold_in(rng, 0..n-1); the embeddings take n (fold_in data must be >= 0).
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(self.layers))
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, self.num_layers)
         x = constrain_batch(self.embeddings(input_ids, rng))
         key_mask = attention_mask.astype(bool)
         apply = _apply_layer_remat if self.remat else _apply_layer
@@ -141,17 +152,25 @@ class Encoder(nnx.Module):
         return x
 
     def _scan(self, apply, x, key_mask, dropout_rng):
-        """The same layers as one `lax.scan` over their stacked weights: XLA compiles one layer
-        instead of `num_hidden_layers`. Params keep their per-layer layout (checkpoints and
-        conversion are unchanged); the stack is built inside the program."""
-        graphdef, _ = nnx.split(self.layers[0])
-        states = [nnx.state(layer) for layer in self.layers]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        """The stacked layers as one `lax.scan`: step i merges layer i's slice of the params."""
+        graphdef, stacked = nnx.split(self.layers)
 
         def body(x, inputs):
             index, state = inputs
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             return constrain_batch(apply(nnx.merge(graphdef, state), x, key_mask, rng)), None
 
-        x, _ = jax.lax.scan(body, x, (jnp.arange(len(self.layers)), stacked))
+        x, _ = jax.lax.scan(body, x, (jnp.arange(self.num_layers), stacked))
         return x
+
+
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> EncoderLayer:
+    """`num_hidden_layers` layers as one module whose params have a leading layer axis (its
+    logical axis None: every device holds all layers of its shard)."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def create(rngs: nnx.Rngs) -> EncoderLayer:
+        return EncoderLayer(config, rngs=rngs)
+
+    return create(rngs)

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from m3_jax import checkpoint, flops, sharding
 from m3_jax.config import PRESETS, ModelConfig, RunConfig
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
-from m3_jax.data.plan import BatchShape
 from m3_jax.data.sources import open_sources
 from m3_jax.loading import load_params
 from m3_jax.model import Params, abstract_params, graphdef
@@ -51,6 +50,7 @@ from m3_jax.training.monitor import (
     summarize_window,
 )
 from m3_jax.training.optim import make_optimizer
+from m3_jax.training.programs import BucketPrograms
 from m3_jax.training.state import TrainState, abstract_state
 from m3_jax.training.step import StepConfig
 
@@ -116,32 +116,43 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         )
 
     layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules)
+    state_spec = sharded.with_shardings(
+        abstract_state(abstract_params(float32(model_config)), tx), layout
+    )
+    # One program per bucket shape, compiling in the background from here on (programs.py).
+    model = graphdef(model_config)
+    train_fns = {
+        flag: sharded.jit_train_step(model, tx, step_config(flag), layout, mesh)
+        for flag in {s.in_batch_negatives for s in loader.bucket_shapes()}
+    }
+    programs = BucketPrograms(
+        train_fns,
+        state_spec,
+        loader.bucket_shapes(),
+        run.data.knowledge_distillation,
+        mesh,
+        run.train.compile_workers,
+    )
     manager = checkpoint.make_manager(
         workdir / CHECKPOINT_DIR,
         keep=run.train.keep_checkpoints,
         async_save=run.train.async_checkpoint,
     )
     settings = plan_settings(run, mesh)
-    state, start = resume_or_init(
-        manager, model_config, host_params, tx, layout, loader, settings, run.seed
-    )
-    del host_params
-
-    # One program per bucket shape, compiled before the first step.
-    model = graphdef(model_config)
-    with jax.set_mesh(mesh):
-        train_fns = {
-            flag: sharded.jit_train_step(model, tx, step_config(flag), layout, mesh)
-            for flag in {s.in_batch_negatives for s in loader.bucket_shapes()}
-        }
-        compiled, compile_seconds = compile_buckets(
-            train_fns, state, loader.bucket_shapes(), run.data.knowledge_distillation, show
+    try:
+        state, start = resume_or_init(
+            manager, model_config, host_params, tx, layout, state_spec, loader, settings, run.seed
         )
+    except BaseException:
+        programs.close()
+        raise
+    del host_params
+    with jax.set_mesh(mesh):
         eval_steps = {
             flag: sharded.jit_eval_step(model, step_config(flag), layout, mesh)
             for flag in (False, True)
         }
-    summary: dict[str, Any] = {"compile_seconds": compile_seconds}
+    summary: dict[str, Any] = {}
 
     writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
     evaluator = Evaluator(
@@ -153,7 +164,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         state, last_logged = train_steps(
             run,
             state,
-            compiled,
+            programs,
             schedule,
             loader,
             start,
@@ -166,6 +177,8 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
             writer,
             show,
         )
+        summary["compile_seconds"] = programs.wait_all()
+        log.info("compiled %d bucket programs: %s", len(programs), summary["compile_seconds"])
         # Export params for M3Embedder.from_pretrained.
         params = gather(state.params)
         export = workdir / EXPORT_DIR
@@ -179,6 +192,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
             best = evaluator.best
             summary["best"] = {"step": best.step, run.eval.metric: best.value, "dir": str(best.out)}
     finally:
+        programs.close()
         if writer is not None:
             writer.close()
     summary["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -270,15 +284,14 @@ def resume_or_init(
     host_params,
     tx,
     layout,
+    target,
     loader: TrainLoader,
     settings: dict,
     seed: int,
 ) -> tuple[TrainState, LoaderPosition]:
     """The newest checkpoint's state and loader position, or the step-0 state (imported params,
-    else a fresh sharded init) at the start of the data."""
-    target = sharded.with_shardings(
-        abstract_state(abstract_params(float32(model_config)), tx), layout
-    )
+    else a fresh sharded init) at the start of the data. target: the state's ShapeDtypeStructs
+    with their shardings."""
     restored = checkpoint.restore_latest(manager, target)
     if restored is not None:
         state, saved = restored
@@ -291,27 +304,6 @@ def resume_or_init(
     else:
         params = sharding.put_global(host_params, layout.params)
     return sharded.initial_state(params, tx, seed, layout), LoaderPosition()
-
-
-def compile_buckets(
-    step_fns: dict[bool, Any],
-    state: TrainState,
-    shapes: list[BatchShape],
-    teacher: bool,
-    show: bool,
-) -> tuple[dict[BatchShape, Any], dict[str, float]]:
-    """Every bucket shape's compiled train step (`step_fns[shape.in_batch_negatives]`), and the
-    seconds each took."""
-    state_spec = jax.eval_shape(lambda s: s, state)
-    compiled, seconds = {}, {}
-    for shape in tqdm(shapes, desc="compile", disable=not show):
-        start = time.perf_counter()
-        spec = sharded.batch_spec(shape, teacher)
-        step_fn = step_fns[shape.in_batch_negatives]
-        compiled[shape] = step_fn.lower(state_spec, spec, sharded.LR_SPEC).compile()
-        seconds[shape.label] = round(time.perf_counter() - start, 2)
-    log.info("compiled %d bucket programs: %s", len(compiled), seconds)
-    return compiled, seconds
 
 
 # Evaluation ---------------------------------------------------------------------------------------
@@ -382,7 +374,7 @@ def dev_loss(
 def train_steps(
     run: RunConfig,
     state: TrainState,
-    compiled: dict[BatchShape, Any],
+    programs: BucketPrograms,
     schedule: Callable[[int], float],
     loader: TrainLoader,
     start: LoaderPosition,
@@ -413,7 +405,7 @@ def train_steps(
             if step >= total_steps:
                 break
             batch = to_global_batch(host_batch, batch_layout)
-            state, metrics = compiled[shape](state, batch, np.float32(schedule(step)))
+            state, metrics = programs[shape](state, batch, np.float32(schedule(step)))
             metrics = jax.device_get(metrics)
             step += 1
             progress.update()

@@ -1,0 +1,88 @@
+"""The train step's compiled programs, one per bucket shape, compiled ahead of time in parallel.
+
+Every bucket of static shapes needs its own program. They are lowered and compiled
+(`jit(...).lower(abstract inputs).compile()`) on a pool of threads as soon as the state's layout
+is known, so compilation overlaps with restoring or initialising the state, and the first step
+waits only for its own bucket while the others finish in the background. XLA releases the GIL
+while it compiles, so the programs compile concurrently where the host has the cores; with the
+persistent compilation cache a relaunch reads them back instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from m3_jax.data.plan import BatchShape
+from m3_jax.training import sharded
+
+
+def compile_workers(requested: int, num_programs: int) -> int:
+    """Threads to compile `num_programs` programs: `requested`, or (-1) one per CPU core."""
+    if requested == 0 or requested < -1:
+        raise ValueError(f"train.compile_workers={requested}; expected -1 (auto) or >= 1")
+    cores = os.cpu_count() or 1
+    return max(1, min(num_programs, cores if requested < 0 else requested))
+
+
+class BucketPrograms:
+    """`programs[shape]`: the compiled train step of one bucket shape (waits for it)."""
+
+    def __init__(
+        self,
+        step_fns: dict[bool, Any],
+        state_spec: Any,
+        shapes: Iterable[BatchShape],
+        teacher: bool,
+        mesh: Mesh,
+        workers: int,
+    ):
+        """step_fns[in_batch_negatives]: the jitted train steps; state_spec: the train state as
+        ShapeDtypeStructs with shardings; teacher: batches carry teacher scores."""
+        shapes = list(shapes)
+        self._seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(compile_workers(workers, len(shapes)), "compile")
+        self._futures: dict[BatchShape, Future] = {
+            shape: self._pool.submit(
+                self._compile, step_fns[shape.in_batch_negatives], state_spec, shape, teacher, mesh
+            )
+            for shape in shapes
+        }
+
+    def _compile(self, step_fn, state_spec, shape: BatchShape, teacher: bool, mesh: Mesh):
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):  # the mesh context is per thread
+            lowered = step_fn.lower(state_spec, sharded.batch_spec(shape, teacher), sharded.LR_SPEC)
+        program = lowered.compile()
+        with self._lock:
+            self._seconds[shape.label] = round(time.perf_counter() - start, 2)
+        return program
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def __getitem__(self, shape: BatchShape) -> Any:
+        return self._futures[shape].result()
+
+    def wait_all(self, show: bool = False) -> dict[str, float]:
+        """Waits for every program (a compile error is raised here); {bucket label: seconds}."""
+        futures = list(self._futures.values())
+        for future in tqdm(
+            as_completed(futures), total=len(futures), desc="compile", disable=not show
+        ):
+            future.result()
+        self._pool.shutdown()
+        return dict(self._seconds)
+
+    def close(self) -> None:
+        """Drops compiles not yet started (a run that ends early)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
