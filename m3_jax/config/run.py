@@ -184,7 +184,7 @@ class TrainConfig:
     async_checkpoint: bool = knob(True, "write checkpoints in the background")
     compilation_cache_dir: str = knob("~/.cache/m3_jax/xla", "persistent XLA cache; '' = off")
     compile_workers: int = knob(
-        -1, "threads compiling the bucket programs ahead of their first step; -1 = one per core"
+        -1, "threads compiling the bucket programs ahead of their first step; -1 = one per 2 cores"
     )
     peak_flops_per_s: float = knob(0.0, "for MFU; 0 = measure a large matmul at start")
     progress: bool = knob(True, "progress bars and metric lines on stdout")
