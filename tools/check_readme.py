@@ -30,7 +30,7 @@ SKIPPED = (
     (r"gcloud|/mnt/|\$TPU|TPU=|--index-url|<you>", "needs a TPU VM or a cluster"),
     (r"(?<![\w/.])data/", "needs your own data"),
     (r"/tmp/fe\b|FlagEmbedding", "needs the official implementation's environment"),
-    (r"benchmark_", "is a benchmark (minutes to hours)"),
+    (r"benchmark(_\w+)?\.py", "is a benchmark (minutes to hours)"),
 )
 
 
