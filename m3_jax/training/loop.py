@@ -133,6 +133,7 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         mesh,
         run.train.compile_workers,
     )
+    log.info("compiling %d bucket programs on %d threads", len(programs), programs.workers)
     manager = checkpoint.make_manager(
         workdir / CHECKPOINT_DIR,
         keep=run.train.keep_checkpoints,

@@ -14,15 +14,13 @@ compilation cache a relaunch reads the programs back instead.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from m3_jax.data.plan import BatchShape
 from m3_jax.training import sharded
@@ -51,9 +49,8 @@ class BucketPrograms:
         """step_fns[in_batch_negatives]: the jitted train steps; state_spec: the train state as
         ShapeDtypeStructs with shardings; teacher: batches carry teacher scores."""
         shapes = list(shapes)
-        self._seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(compile_workers(workers, len(shapes)), "compile")
+        self.workers = compile_workers(workers, len(shapes))
+        self._pool = ThreadPoolExecutor(self.workers, "compile")
         self._futures: dict[BatchShape, Future] = {
             shape: self._pool.submit(
                 self._compile, step_fns[shape.in_batch_negatives], state_spec, shape, teacher, mesh
@@ -61,30 +58,26 @@ class BucketPrograms:
             for shape in shapes
         }
 
-    def _compile(self, step_fn, state_spec, shape: BatchShape, teacher: bool, mesh: Mesh):
+    @staticmethod
+    def _compile(step_fn, state_spec, shape: BatchShape, teacher: bool, mesh: Mesh):
+        """(the compiled program, seconds to lower and compile it)."""
         start = time.perf_counter()
         with jax.set_mesh(mesh):  # the mesh context is per thread
             lowered = step_fn.lower(state_spec, sharded.batch_spec(shape, teacher), sharded.LR_SPEC)
         program = lowered.compile()
-        with self._lock:
-            self._seconds[shape.label] = round(time.perf_counter() - start, 2)
-        return program
+        return program, round(time.perf_counter() - start, 2)
 
     def __len__(self) -> int:
         return len(self._futures)
 
     def __getitem__(self, shape: BatchShape) -> Any:
-        return self._futures[shape].result()
+        return self._futures[shape].result()[0]
 
-    def wait_all(self, show: bool = False) -> dict[str, float]:
+    def wait_all(self) -> dict[str, float]:
         """Waits for every program (a compile error is raised here); {bucket label: seconds}."""
-        futures = list(self._futures.values())
-        for future in tqdm(
-            as_completed(futures), total=len(futures), desc="compile", disable=not show
-        ):
-            future.result()
+        seconds = {shape.label: future.result()[1] for shape, future in self._futures.items()}
         self._pool.shutdown()
-        return dict(self._seconds)
+        return seconds
 
     def close(self) -> None:
         """Drops compiles not yet started (a run that ends early)."""
