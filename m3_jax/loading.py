@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from m3_jax.config import ModelConfig
-from m3_jax.convert.from_torch import load_bge_m3
+from m3_jax.convert.from_torch import import_checkpoint
 from m3_jax.model import Params
 from m3_jax.run_dir import (
     CHECKPOINT_DIR,
@@ -30,6 +30,7 @@ from m3_jax.run_dir import (
     is_run_dir,
     locate_run,
     read_config,
+    restore_mlm_head,
     restore_params,
     run_info_dir,
 )
@@ -42,6 +43,7 @@ class LoadedParams:
     tokenizer_dir: Path
     description: str  # for logs: "model dir X", "run X, step N" or "PyTorch checkpoint X"
     step: int | None = None  # the checkpoint step, for runs
+    mlm_head: Params | None = None  # XLM-R's masked-LM head, where the source has one
 
 
 def _is_run(path: Path) -> bool:
@@ -77,15 +79,22 @@ def load_params(
             params,
             Path(tokenizer_dir or path),
             f"model dir {path}",
+            mlm_head=restore_mlm_head(path, config),
         )
     if path.is_dir() and _is_run(path):
         return _load_run(path, step, config_file, tokenizer_dir, config_overrides)
     if step is not None:
         raise ValueError(f"{source}: step={step} needs a training run directory")
-    config, params, src = load_bge_m3(
+    imported = import_checkpoint(
         source, fresh_heads=fresh_heads, cache_dir=cache_dir, **config_overrides
     )
-    return LoadedParams(config, params, Path(tokenizer_dir or src), f"PyTorch checkpoint {src}")
+    return LoadedParams(
+        imported.config,
+        imported.params,
+        Path(tokenizer_dir or imported.src),
+        f"PyTorch checkpoint {imported.src}",
+        mlm_head=imported.mlm_head,
+    )
 
 
 def _load_run(

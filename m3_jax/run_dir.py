@@ -3,6 +3,7 @@
 A model directory (what `convert from-pytorch`, a run's `export/` and `best/` are):
     m3_jax_config.json     ModelConfig fields
     params/                orbax pytree checkpoint of the float32 params
+    mlm_head/              (optional) the masked-LM head of an XLM-R checkpoint, for RetroMAE
     tokenizer files        tokenizer.json / sentencepiece.bpe.model / tokenizer_config.json / ...
     best.json              (best/ only) the step and metrics that made it the best
 
@@ -39,12 +40,22 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from m3_jax.config import ModelConfig
-from m3_jax.model import Params, check_params, layers_stacked, params_in_layout, per_layer
+from m3_jax.model import (
+    M3Model,
+    Params,
+    RetroMAEModel,
+    check_params,
+    layers_stacked,
+    params_in_layout,
+    per_layer,
+)
+from m3_jax.model.abstract import ModelClass
 from m3_jax.tokenization import TOKENIZER_FILES, has_tokenizer
 
 # Model directory.
 CONFIG_FILE = "m3_jax_config.json"
 PARAMS_DIR = "params"
+MLM_HEAD_DIR = "mlm_head"
 BEST_INFO = "best.json"
 # Run directory.
 CHECKPOINT_DIR = "checkpoints"
@@ -87,20 +98,26 @@ def save_model_dir(
     config: ModelConfig,
     params: Params,
     tokenizer_source: str | os.PathLike | None,
+    mlm_head: Params | None = None,
 ) -> Path:
-    """Writes a model directory; `out` must not exist or be empty. Multi-process runs call it on
-    every process (orbax's save is collective); process 0 writes the small files."""
+    """Writes a model directory (with `mlm_head/` when `mlm_head` is given); `out` must not
+    exist or be empty. Multi-process runs call it on every process (orbax's save is
+    collective); process 0 writes the small files."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
     layout_config, params = per_layer(config, params)  # files hold one subtree per layer
     check_params(params, layout_config, str(out))
+    if mlm_head is not None:
+        check_params(mlm_head, layout_config, f"{out} MLM head", RetroMAEModel, "lm_head")
     # Every process checks the directory before any of them writes.
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_model_dir {out}")
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((out / PARAMS_DIR).absolute(), params)
+        if mlm_head is not None:
+            checkpointer.save((out / MLM_HEAD_DIR).absolute(), mlm_head)
     if jax.process_index() == 0:
         config.save_json(out / CONFIG_FILE)
         if tokenizer_source is not None:
@@ -199,13 +216,25 @@ def _quiet_item_metadata() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def restore_mlm_head(model_dir: str | os.PathLike, config: ModelConfig) -> Params | None:
+    """A model directory's MLM head (float32 host arrays), or None when it has none."""
+    path = Path(model_dir) / MLM_HEAD_DIR
+    if not path.is_dir():
+        return None
+    return restore_params(path, config, model_class=RetroMAEModel, part="lm_head")
+
+
 def restore_params(
-    path: str | os.PathLike, config: ModelConfig, subtree: str | None = None
+    path: str | os.PathLike,
+    config: ModelConfig,
+    subtree: str | None = None,
+    model_class: ModelClass = M3Model,
+    part: str | None = None,
 ) -> Params:
     """The params in an orbax pytree checkpoint (a model directory's `params/`, or the `params`
     entry of a train state with `subtree="params"`) as float32 host numpy arrays, after checking
-    every name and shape against `config`; in the layer layout `config.scan_layers` says, whichever
-    layout the checkpoint holds."""
+    every name and shape against `model_class(config)` (or its subtree `part`); in the layer
+    layout `config.scan_layers` says, whichever layout the checkpoint holds."""
     path = Path(path).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -220,7 +249,8 @@ def restore_params(
         tree = tree[subtree]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _int_keys(tree))
     # A train state of a scan_layers run holds stacked layers, model directories per-layer ones.
-    check_params(target, config.replace(scan_layers=layers_stacked(target)), str(path))
+    stacked = config.replace(scan_layers=layers_stacked(target))
+    check_params(target, stacked, str(path), model_class, part)
     item = target if subtree is None else {subtree: target}
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), item

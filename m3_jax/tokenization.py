@@ -10,9 +10,10 @@ import numpy as np
 
 from m3_jax.config import ModelConfig
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # holds model_max_length
 TOKENIZER_FILES = (
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG_FILE,
     "special_tokens_map.json",
     "sentencepiece.bpe.model",
 )

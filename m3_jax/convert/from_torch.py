@@ -7,6 +7,7 @@ unpickling. torch is imported only when a `.bin`/`.pt` file must be read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,11 @@ from m3_jax.convert.layout import (
     COLBERT_FILE,
     ENCODER_PREFIX,
     IGNORED_PREFIXES,
+    MLM_HEAD_PREFIX,
+    MLM_TIED,
     SPARSE_FILE,
     TensorMapping,
+    mlm_head_mappings,
     set_path,
     tensor_mappings,
 )
@@ -87,15 +91,37 @@ def read_hf_config(src: Path) -> dict[str, Any]:
         raise ValueError(f"{src / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
-def read_encoder_state(src: Path) -> dict[str, np.ndarray]:
-    """The encoder tensors as float32 numpy arrays, keyed by HF XLMRobertaModel names."""
+def read_encoder_state(src: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the encoder tensors keyed by HF XLMRobertaModel names, the masked-LM head's `lm_head.*`
+    tensors, empty unless `src` is an XLMRobertaForMaskedLM checkpoint), float32 numpy arrays."""
     state = read_state_dict(src)
-    if state and all(k.startswith(ENCODER_PREFIX) or k.startswith("lm_head.") for k in state):
+    if state and all(k.startswith((ENCODER_PREFIX, MLM_HEAD_PREFIX)) for k in state):
         state = {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}
-    ignored = sorted(k for k in state if k.startswith(IGNORED_PREFIXES))
+    mlm_head = {k: v for k, v in state.items() if k.startswith(MLM_HEAD_PREFIX)}
+    ignored = sorted(
+        k for k in state if k.startswith(IGNORED_PREFIXES) and not k.startswith(MLM_HEAD_PREFIX)
+    )
     if ignored:
         log.info("ignoring tensors M3 does not use: %s", ", ".join(ignored))
-    return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}, mlm_head
+
+
+def mlm_head_params(
+    mlm_state: dict[str, np.ndarray], word_embeddings: np.ndarray, config: ModelConfig, src: Path
+) -> Params:
+    """The MLM head's params (paths of `RetroMAEModel.lm_head`) from its `lm_head.*` tensors.
+    Its output projection must be the word-embedding table (transformers ties them)."""
+    decoder = mlm_state.get(MLM_TIED[0])
+    if decoder is not None and not np.array_equal(decoder, word_embeddings):
+        raise ValueError(
+            f"{src}: {MLM_TIED[0]} differs from the word embeddings; only a tied MLM head "
+            "(transformers' default) is supported"
+        )
+    decoder_bias = mlm_state.get(MLM_TIED[1])
+    if decoder_bias is not None and not np.array_equal(decoder_bias, mlm_state.get("lm_head.bias")):
+        raise ValueError(f"{src}: {MLM_TIED[1]} differs from lm_head.bias")
+    untied = {k: v for k, v in mlm_state.items() if k not in MLM_TIED}
+    return params_from_state(untied, mlm_head_mappings(config), src, "XLM-R's MLM head")
 
 
 def read_head_state(src: Path, fresh_heads: bool) -> dict[str, np.ndarray]:
@@ -121,6 +147,14 @@ def read_head_state(src: Path, fresh_heads: bool) -> dict[str, np.ndarray]:
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportedCheckpoint:
+    config: ModelConfig
+    params: Params  # float32, the M3Model tree
+    mlm_head: Params | None  # XLMRobertaForMaskedLM checkpoints: the `lm_head` tree, else None
+    src: Path  # the resolved source directory
+
+
 def load_bge_m3(
     source: str | os.PathLike,
     *,
@@ -130,9 +164,25 @@ def load_bge_m3(
     **config_overrides: Any,
 ) -> tuple[ModelConfig, Params, Path]:
     """(config, float32 params, resolved source dir) from a BGE-M3 PyTorch checkpoint."""
+    imported = import_checkpoint(
+        source, fresh_heads=fresh_heads, cache_dir=cache_dir, seed=seed, **config_overrides
+    )
+    return imported.config, imported.params, imported.src
+
+
+def import_checkpoint(
+    source: str | os.PathLike,
+    *,
+    fresh_heads: bool = False,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> ImportedCheckpoint:
+    """A BGE-M3 PyTorch checkpoint, or an XLM-R one (`XLMRobertaModel`, or
+    `XLMRobertaForMaskedLM` with its MLM head) with `fresh_heads`, as m3_jax params."""
     src = resolve_source(source, cache_dir)
     hf_config = read_hf_config(src)
-    state = read_encoder_state(src)
+    state, mlm_state = read_encoder_state(src)
     state.update(read_head_state(src, fresh_heads))
     colbert_weight = state.get(f"{COLBERT_FILE}:weight")
     if colbert_weight is not None and colbert_weight.ndim == 2:
@@ -147,7 +197,11 @@ def load_bge_m3(
     if len(mappings) < len(tensor_mappings(config)):
         params.update(_fresh_heads(config, seed))
     check_params(params, config.replace(scan_layers=False), str(src))
-    return config, params_in_layout(params, config.scan_layers), src
+    mlm_head = None
+    if mlm_state:
+        word_embeddings = state["embeddings.word_embeddings.weight"]
+        mlm_head = mlm_head_params(mlm_state, word_embeddings, config, src)
+    return ImportedCheckpoint(config, params_in_layout(params, config.scan_layers), mlm_head, src)
 
 
 def params_from_state(
@@ -191,6 +245,9 @@ def convert_checkpoint(
     fresh_heads: bool = False,
     cache_dir: str | None = None,
 ) -> Path:
-    """Writes an m3_jax model directory (config, orbax params, tokenizer) from a BGE-M3 checkpoint."""
-    config, params, src = load_bge_m3(source, fresh_heads=fresh_heads, cache_dir=cache_dir)
-    return save_model_dir(out, config, params, tokenizer_source=src)
+    """Writes an m3_jax model directory (config, orbax params, tokenizer; the MLM head of an
+    XLMRobertaForMaskedLM checkpoint) from a PyTorch checkpoint."""
+    imported = import_checkpoint(source, fresh_heads=fresh_heads, cache_dir=cache_dir)
+    return save_model_dir(
+        out, imported.config, imported.params, imported.src, mlm_head=imported.mlm_head
+    )

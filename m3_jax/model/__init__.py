@@ -1,5 +1,5 @@
 """The M3 model: layers, attention, the XLM-R encoder, the three heads, the reranker's
-classification head, and the params as data."""
+classification head, RetroMAE's MLM head and decoder, and the params as data."""
 
 from m3_jax.model.abstract import (
     Params,
@@ -16,6 +16,7 @@ from m3_jax.model.abstract import (
 from m3_jax.model.encoder import Encoder, roberta_position_ids
 from m3_jax.model.m3 import M3Model, M3Output
 from m3_jax.model.reranker import RerankerModel
+from m3_jax.model.retromae import RetroMAEModel
 
 __all__ = [
     "Encoder",
@@ -23,6 +24,7 @@ __all__ = [
     "M3Output",
     "Params",
     "RerankerModel",
+    "RetroMAEModel",
     "abstract_params",
     "check_params",
     "graphdef",

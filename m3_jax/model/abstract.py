@@ -8,8 +8,9 @@ the other where params cross that boundary. The abstract model is traced once pe
 (`nnx.eval_shape`, seconds for the full geometry) and cached; everything that needs shapes,
 dtypes, logical axes or the graph definition derives them from it.
 
-Every function takes the model class: `M3Model` (the embedder, the default) or
-`RerankerModel` (the cross-encoder), which share the encoder and differ in their heads.
+Every function takes the model class: `M3Model` (the embedder, the default), `RerankerModel`
+(the cross-encoder) or `RetroMAEModel` (pre-training), which share the encoder and differ in
+their heads.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from flax import nnx
 from m3_jax.config import ModelConfig
 from m3_jax.model.m3 import M3Model
 from m3_jax.model.reranker import RerankerModel
+from m3_jax.model.retromae import RetroMAEModel
 
 Params = dict[str, Any]
 
 
-ModelClass = type[M3Model] | type[RerankerModel]
+ModelClass = type[M3Model] | type[RerankerModel] | type[RetroMAEModel]
 
 
 @functools.lru_cache(maxsize=16)
@@ -66,12 +68,19 @@ def init_params(config: ModelConfig, seed: int, model_class: ModelClass = M3Mode
 
 
 def check_params(
-    params: Params, config: ModelConfig, source: str, model_class: ModelClass = M3Model
+    params: Params,
+    config: ModelConfig,
+    source: str,
+    model_class: ModelClass = M3Model,
+    part: str | None = None,
 ) -> None:
-    """Errors naming every missing, unexpected or wrongly shaped parameter."""
+    """Errors naming every missing, unexpected or wrongly shaped parameter of `model_class`, or
+    of its top-level subtree `part` (RetroMAE's "lm_head")."""
+    reference = abstract_params(config, model_class)
+    reference = reference if part is None else reference[part]
     expected = {
         jax.tree_util.keystr(path): leaf.shape
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config, model_class))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(reference)
     }
     got = {
         jax.tree_util.keystr(path): np.shape(leaf)

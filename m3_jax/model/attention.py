@@ -19,7 +19,7 @@ from m3_jax.model.layers import dropout
 log = logging.getLogger(__name__)
 
 
-def _masked_softmax_attention(
+def masked_softmax_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -27,6 +27,8 @@ def _masked_softmax_attention(
     dropout_rate: float,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
+    """The reference computation. key_mask: [batch, Lk] (the same keys for every query) or
+    [batch, Lq, Lk] (a mask per query, as RetroMAE's decoder has); True = attended."""
     # Scaling q (not the scores) touches L x head_dim values instead of L x L; exact when
     # sqrt(head_dim) is a power of two (64 in XLM-R).
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -34,7 +36,7 @@ def _masked_softmax_attention(
     # transformers' additive mask: padded keys get the float32 minimum (an all-padding row ends
     # up uniform). Adding a [batch, 1, 1, L] bias fuses better on CPU than a select.
     bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
-    scores = scores + bias[:, None, None, :]
+    scores = scores + (bias[:, None, None, :] if bias.ndim == 2 else bias[:, None])
     # Softmax with the normalisation after the value product, in [batch, heads, L, head_dim]
     # layout: it divides L x head_dim values instead of L x L. Dropout is elementwise, so it
     # commutes with the normalisation; the max shift cancels mathematically, so its gradient is
@@ -48,7 +50,7 @@ def _masked_softmax_attention(
 
 def xla_attention(q, k, v, key_mask, *, dropout_rate=0.0, dropout_rng=None):
     """Materialises the full [batch, heads, L, L] score tensor: fastest for short inputs."""
-    return _masked_softmax_attention(q, k, v, key_mask, dropout_rate, dropout_rng)
+    return masked_softmax_attention(q, k, v, key_mask, dropout_rate, dropout_rng)
 
 
 def chunked_attention(q, k, v, key_mask, *, chunk_size, dropout_rate=0.0, dropout_rng=None):
@@ -59,7 +61,7 @@ def chunked_attention(q, k, v, key_mask, *, chunk_size, dropout_rate=0.0, dropou
     """
     batch, length, heads, head_dim = q.shape
     if length <= chunk_size:
-        return _masked_softmax_attention(q, k, v, key_mask, dropout_rate, dropout_rng)
+        return masked_softmax_attention(q, k, v, key_mask, dropout_rate, dropout_rng)
     num_chunks = -(-length // chunk_size)
     padded = num_chunks * chunk_size
     q = jnp.pad(q, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
@@ -68,7 +70,7 @@ def chunked_attention(q, k, v, key_mask, *, chunk_size, dropout_rate=0.0, dropou
     def one_chunk(args):
         index, q_chunk = args
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        return _masked_softmax_attention(q_chunk, k, v, key_mask, dropout_rate, rng)
+        return masked_softmax_attention(q_chunk, k, v, key_mask, dropout_rate, rng)
 
     out = jax.lax.map(one_chunk, (jnp.arange(num_chunks), q_chunks))
     return out.swapaxes(0, 1).reshape(batch, padded, heads, head_dim)[:, :length]

@@ -46,9 +46,19 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
         positions = roberta_position_ids(input_ids, self.pad_token_id)
+        return self._embed(self.word_embeddings(input_ids), positions, dropout_rng)
+
+    def of_vectors(self, vectors: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        """transformers' `inputs_embeds` path: [batch, length, hidden] vectors in place of word
+        embeddings, at positions pad+1, pad+2, ... in every row (vectors carry no padding)."""
+        positions = jnp.arange(vectors.shape[1], dtype=jnp.int32) + self.pad_token_id + 1
+        positions = jnp.broadcast_to(positions, vectors.shape[:2])
+        return self._embed(vectors.astype(self.word_embeddings.dtype), positions, dropout_rng)
+
+    def _embed(self, x: jax.Array, positions: jax.Array, dropout_rng: jax.Array | None):
         x = (
-            self.word_embeddings(input_ids)
-            + self.token_type_embeddings(jnp.zeros_like(input_ids))
+            x
+            + self.token_type_embeddings(jnp.zeros_like(positions))
             + self.position_embeddings(positions)
         )
         return dropout(self.layer_norm(x), self.dropout_rate, dropout_rng)
@@ -96,10 +106,16 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, key_mask: jax.Array, dropout_rng: jax.Array | None):
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
-        attn = self.attention(x, key_mask, rngs[0])
-        x = self.attention_layer_norm(x + dropout(attn, self.dropout_rate, rngs[1]))
+        return self.residual_and_feed_forward(x, self.attention(x, key_mask, rngs[0]), rngs[1:])
+
+    def residual_and_feed_forward(
+        self, x: jax.Array, attn: jax.Array, rngs: list[jax.Array | None]
+    ) -> jax.Array:
+        """Everything after the attention: LN(x + attn), then the FFN block with its residual
+        (two dropout keys). RetroMAE's decoder layer shares it."""
+        x = self.attention_layer_norm(x + dropout(attn, self.dropout_rate, rngs[0]))
         hidden = gelu(self.intermediate(x))
-        return self.output_layer_norm(x + dropout(self.output(hidden), self.dropout_rate, rngs[2]))
+        return self.output_layer_norm(x + dropout(self.output(hidden), self.dropout_rate, rngs[1]))
 
 
 def _apply_layer(layer: EncoderLayer, x, key_mask, dropout_rng):

@@ -15,7 +15,7 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
-def _param(
+def make_param(
     rngs: nnx.Rngs | None,
     shape: Sequence[int],
     axes: Axes,
@@ -23,6 +23,8 @@ def _param(
     init: str,
     stddev: float = 0.0,
 ) -> nnx.Param:
+    """A parameter initialised by `init` and tagged with its logical axes; it is placed on no mesh
+    when built (the sharding rules place it later)."""
     if len(shape) != len(axes):
         raise ValueError(f"shape {tuple(shape)} and logical axes {axes} differ in rank")
     if init == "normal":
@@ -58,10 +60,10 @@ class Dense(nnx.Module):
     ):
         self.n_in = len(in_shape)
         self.dtype = dtype
-        self.kernel = _param(
+        self.kernel = make_param(
             rngs, (*in_shape, *out_shape), in_axes + out_axes, param_dtype, "normal", stddev
         )
-        self.bias = _param(rngs, tuple(out_shape), out_axes, param_dtype, "zeros")
+        self.bias = make_param(rngs, tuple(out_shape), out_axes, param_dtype, "zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
@@ -76,8 +78,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, size: int, eps: float, *, param_dtype: jnp.dtype, dtype: jnp.dtype):
         self.eps = eps
         self.dtype = dtype
-        self.scale = _param(None, (size,), ("embed",), param_dtype, "ones")
-        self.bias = _param(None, (size,), ("embed",), param_dtype, "zeros")
+        self.scale = make_param(None, (size,), ("embed",), param_dtype, "ones")
+        self.bias = make_param(None, (size,), ("embed",), param_dtype, "zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -103,7 +105,7 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.embedding = _param(rngs, (num, features), axes, param_dtype, "normal", stddev)
+        self.embedding = make_param(rngs, (num, features), axes, param_dtype, "normal", stddev)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
