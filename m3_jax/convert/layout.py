@@ -66,19 +66,22 @@ def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
     return maps
 
 
-def mlm_head_mappings(config: ModelConfig) -> list[TensorMapping]:
+def mlm_head_mappings(
+    config: ModelConfig, prefix: str = MLM_HEAD_PREFIX, path: tuple = ()
+) -> list[TensorMapping]:
     """`XLMRobertaLMHead`: dense [E, E], GELU, LayerNorm, then the tied word embeddings plus a
-    [vocab] bias. Paths are relative to the MLM head's own params tree."""
+    [vocab] bias; tensors named `prefix` + `dense.weight` etc., at `path` (by default the MLM
+    head's own params tree, `RetroMAEModel`'s "lm_head")."""
     e = config.hidden_size
     return [
-        *_linear(f"{MLM_HEAD_PREFIX}dense.", e, e, ("dense",)),
+        *_linear(f"{prefix}dense.", e, e, (*path, "dense")),
         TensorMapping(
-            f"{MLM_HEAD_PREFIX}layer_norm.weight", ("layer_norm", "scale"), _same, _same, (e,)
+            f"{prefix}layer_norm.weight", (*path, "layer_norm", "scale"), _same, _same, (e,)
         ),
         TensorMapping(
-            f"{MLM_HEAD_PREFIX}layer_norm.bias", ("layer_norm", "bias"), _same, _same, (e,)
+            f"{prefix}layer_norm.bias", (*path, "layer_norm", "bias"), _same, _same, (e,)
         ),
-        TensorMapping(f"{MLM_HEAD_PREFIX}bias", ("bias",), _same, _same, (config.vocab_size,)),
+        TensorMapping(f"{prefix}bias", (*path, "bias"), _same, _same, (config.vocab_size,)),
     ]
 
 
