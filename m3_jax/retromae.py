@@ -69,15 +69,16 @@ def gather_labelled(labels: jax.Array, max_predictions: int) -> tuple[jax.Array,
     return positions, jnp.where(used, picked, IGNORE_LABEL)
 
 
-def retromae_loss(
+def retromae_sums(
     model: RetroMAEModel,
     batch: dict[str, jax.Array],
     *,
     max_predictions: int,
     chunk_tokens: int,
     dropout_rng: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(encoder + decoder loss, {"encoder", "decoder", "loss"}) of one batch:
+) -> dict[str, jax.Array]:
+    """The summed cross-entropies and label counts of the encoder and the decoder over one batch
+    (sums add up over sub-batches; `losses_from_sums` makes the loss):
     input_ids, attention_mask [B, L]: the original texts;
     encoder_input_ids, encoder_labels [B, L]: the masked copy and its labels (the original id
         at masked positions, IGNORE_LABEL elsewhere), at most `max_predictions` per text;
@@ -93,7 +94,6 @@ def retromae_loss(
     enc_sum, enc_count = mlm_cross_entropy(
         picked, labels.reshape(-1), model.mlm_logits, chunk_tokens
     )
-
     decoded = model.decode(
         hidden[:, 0],
         batch["input_ids"],
@@ -108,9 +108,38 @@ def retromae_loss(
         model.mlm_logits,
         chunk_tokens,
     )
+    return {
+        "encoder_sum": enc_sum,
+        "encoder_count": enc_count,
+        "decoder_sum": dec_sum,
+        "decoder_count": dec_count,
+    }
+
+
+def losses_from_sums(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(encoder + decoder loss, {"encoder", "decoder", "loss"}): each a mean over its labels."""
     parts = {
-        "encoder": enc_sum / jnp.maximum(enc_count, 1),
-        "decoder": dec_sum / jnp.maximum(dec_count, 1),
+        name: sums[f"{name}_sum"] / jnp.maximum(sums[f"{name}_count"], 1)
+        for name in ("encoder", "decoder")
     }
     parts["loss"] = parts["encoder"] + parts["decoder"]
     return parts["loss"], parts
+
+
+def retromae_loss(
+    model: RetroMAEModel,
+    batch: dict[str, jax.Array],
+    *,
+    max_predictions: int,
+    chunk_tokens: int,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(encoder + decoder loss, its parts) of one batch (`retromae_sums` lists the fields)."""
+    sums = retromae_sums(
+        model,
+        batch,
+        max_predictions=max_predictions,
+        chunk_tokens=chunk_tokens,
+        dropout_rng=dropout_rng,
+    )
+    return losses_from_sums(sums)

@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # The default rules live with the other defaults; sharding.FSDP_RULES is the same object.
 from m3_jax.config import FSDP_RULES as FSDP_RULES
 from m3_jax.config import DistributedConfig, MeshConfig, ModelConfig
-from m3_jax.model import abstract_params, logical_axes
+from m3_jax.model import M3Model, abstract_params, logical_axes
+from m3_jax.model.abstract import ModelClass
 from m3_jax.model.axes import BATCH_AXES, TENSOR_AXIS
 
 log = logging.getLogger(__name__)
@@ -164,19 +165,26 @@ def spec_for(
     return PartitionSpec(*spec)
 
 
-def param_specs(config: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> Any:
-    """PartitionSpecs for the params pytree of `M3Model(config)`."""
-    shapes = abstract_params(config)
+def param_specs(
+    config: ModelConfig,
+    rules: Rules,
+    mesh_shape: dict[str, int],
+    model_class: ModelClass = M3Model,
+) -> Any:
+    """PartitionSpecs for the params pytree of `model_class(config)`."""
+    shapes = abstract_params(config, model_class)
     return jax.tree.map(
         lambda axes, leaf: spec_for(axes, leaf.shape, rules, mesh_shape),
-        logical_axes(config),
+        logical_axes(config, model_class),
         shapes,
         is_leaf=_is_axes,
     )
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules) -> Any:
-    specs = param_specs(config, rules, dict(mesh.shape))
+def param_shardings(
+    config: ModelConfig, mesh: Mesh, rules: Rules, model_class: ModelClass = M3Model
+) -> Any:
+    specs = param_specs(config, rules, dict(mesh.shape), model_class)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 

@@ -143,3 +143,34 @@ def sample_text_masks(
     budget = mask_budget(n, config.decoder_ratio, config.cap)
     mask_set = np.stack([sample_mask(words, budget, rng) for _ in range(num_masks)])
     return TextMasks(ids, labels, mask_set, rng.integers(0, num_masks, n))
+
+
+def collate(
+    token_ids: list[np.ndarray],
+    masks: list[TextMasks],
+    length: int,
+    config: MaskingConfig,
+    pad_token_id: int,
+) -> dict[str, np.ndarray]:
+    """The padded batch `m3_jax.retromae.retromae_sums` reads, of static shape: texts padded
+    to `length` tokens, mask sets to min(length, num_decoder_masks) masks."""
+    rows, num_masks = len(token_ids), min(length, config.num_decoder_masks)
+    batch = {
+        "input_ids": np.full((rows, length), pad_token_id, np.int32),
+        "attention_mask": np.zeros((rows, length), np.int32),
+        "encoder_input_ids": np.full((rows, length), pad_token_id, np.int32),
+        "encoder_labels": np.full((rows, length), IGNORE_LABEL, np.int32),
+        "decoder_mask_set": np.zeros((rows, num_masks, length), bool),
+        "decoder_mask_choice": np.zeros((rows, length), np.int32),
+    }
+    for row, (ids, text) in enumerate(zip(token_ids, masks, strict=True)):
+        n = ids.shape[0]
+        if n > length:
+            raise ValueError(f"a text of {n} tokens does not fit the batch length {length}")
+        batch["input_ids"][row, :n] = ids
+        batch["attention_mask"][row, :n] = 1
+        batch["encoder_input_ids"][row, :n] = text.encoder_input_ids
+        batch["encoder_labels"][row, :n] = text.encoder_labels
+        batch["decoder_mask_set"][row, : text.decoder_mask_set.shape[0], :n] = text.decoder_mask_set
+        batch["decoder_mask_choice"][row, :n] = text.decoder_mask_choice
+    return batch

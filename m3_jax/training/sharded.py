@@ -9,6 +9,7 @@ copied slice by slice), so the full model never sits on one device.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,17 +21,23 @@ from jax.sharding import Mesh
 from m3_jax import sharding
 from m3_jax.config import ModelConfig
 from m3_jax.data.plan import BatchShape
-from m3_jax.model import Params, abstract_params, init_params
+from m3_jax.model import M3Model, Params, abstract_params, init_params
+from m3_jax.model.abstract import ModelClass
 from m3_jax.training.state import TrainState, abstract_state, init_state
-from m3_jax.training.step import StepConfig, eval_loss, train_step
+from m3_jax.training.step import eval_loss, train_step
 
 
 def state_shardings(
-    config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules
+    config: ModelConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    model_class: ModelClass = M3Model,
 ) -> TrainState:
-    """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
-    params = sharding.param_shardings(config, mesh, rules)
-    abstract = abstract_state(abstract_params(config.replace(param_dtype="float32")), tx)
+    """A TrainState of `model_class` whose leaves are the NamedShardings of the real state's."""
+    params = sharding.param_shardings(config, mesh, rules, model_class)
+    float32 = config.replace(param_dtype="float32")
+    abstract = abstract_state(abstract_params(float32, model_class), tx)
     return TrainState(
         step=sharding.replicated(mesh),
         params=params,
@@ -48,11 +55,13 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     )
 
 
-def fresh_params(config: ModelConfig, seed: int, shardings: Any) -> Params:
-    """A random float32 init of `M3Model(config)`, each device computing only its slices."""
+def fresh_params(
+    config: ModelConfig, seed: int, shardings: Any, model_class: ModelClass = M3Model
+) -> Params:
+    """A random float32 init of `model_class(config)`, each device computing only its slices."""
 
     float32 = config.replace(param_dtype="float32")
-    return jax.jit(lambda: init_params(float32, seed), out_shardings=shardings)()
+    return jax.jit(lambda: init_params(float32, seed, model_class), out_shardings=shardings)()
 
 
 def initial_state(
@@ -70,14 +79,16 @@ def initial_state(
 def jit_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    config: StepConfig,
+    config: Any,
     shardings: TrainState,
     mesh: Mesh,
+    step_fn: Callable = train_step,
 ) -> Any:
-    """`train_step` under `jit` with the state's shardings in and out (donated), batches split
-    over the data-parallel axes, and the lr and metrics replicated."""
+    """`step_fn` (the fine-tuning `train_step`, or RetroMAE's, with its `config`) under `jit`
+    with the state's shardings in and out (donated), batches split over the data-parallel
+    axes, and the lr and metrics replicated."""
     return jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
+        functools.partial(step_fn, graphdef=graphdef, tx=tx, config=config),
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -85,11 +96,15 @@ def jit_train_step(
 
 
 def jit_eval_step(
-    graphdef: nnx.GraphDef, config: StepConfig, shardings: TrainState, mesh: Mesh
+    graphdef: nnx.GraphDef,
+    config: Any,
+    shardings: TrainState,
+    mesh: Mesh,
+    eval_fn: Callable = eval_loss,
 ) -> Any:
-    """`eval_loss` (loss parts, no dropout, no update) under `jit` on the same layouts."""
+    """`eval_fn` (loss parts, no dropout, no update) under `jit` on the same layouts."""
     return jax.jit(
-        functools.partial(eval_loss, graphdef=graphdef, config=config),
+        functools.partial(eval_fn, graphdef=graphdef, config=config),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

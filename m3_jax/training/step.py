@@ -9,6 +9,7 @@ time, embeddings of all, losses over the full batch, the same gradients as unspl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -80,16 +81,17 @@ def encode(
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
         return jax.checkpoint(run)(chunk_ids, chunk_mask, rng)
 
-    # Call c takes rows c, c + calls, c + 2·calls, ...: as `calls` divides each data shard's
-    # block of rows, every device works on its own share of every call.
-    def split(x):
-        return constrain_batch(x.reshape(rows // calls, calls, *x.shape[1:]).swapaxes(0, 1), 1)
-
-    def join(x):
-        return x.swapaxes(0, 1).reshape(rows, *x.shape[2:])
-
+    split = functools.partial(split_rows, calls=calls)
     out = jax.lax.map(one, (jnp.arange(calls), split(ids), split(mask)))
-    return jax.tree.map(join, out)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(rows, *x.shape[2:]), out)
+
+
+def split_rows(x: jax.Array, calls: int) -> jax.Array:
+    """[rows, ...] → [calls, rows / calls, ...] where call c takes rows c, c + calls, ...: as
+    `calls` divides each data shard's block of rows, every device works on its own share of
+    every call (and the rows of a call stay split over the data-parallel axes)."""
+    rows = x.shape[0]
+    return constrain_batch(x.reshape(rows // calls, calls, *x.shape[1:]).swapaxes(0, 1), 1)
 
 
 def loss_fn(
