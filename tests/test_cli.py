@@ -60,6 +60,7 @@ def test_every_option_is_listed_with_its_default():
     parser = build_parser()
     commands = dict(subcommand_parsers(parser))
     assert sorted(commands) == [
+        "convert extend-positions",
         "convert from-pytorch",
         "convert to-pytorch",
         "data prepare",

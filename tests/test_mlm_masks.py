@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from m3_jax.config import RetroMAEConfig
 from m3_jax.data.mlm_masks import (
-    MaskingConfig,
     continuation_table,
     mask_budget,
     sample_mask,
@@ -45,7 +45,7 @@ def test_budget(n, ratio, cap, expected):
 
 def test_token_masks_hide_exactly_the_budget_and_no_special_token():
     rng = np.random.default_rng(0)
-    config = MaskingConfig(cap=0)
+    config = RetroMAEConfig(max_masked_tokens=0)
     for n in (3, 7, 40, 300):
         ids, special = random_text(rng, n)
         masks = sample_text_masks(
@@ -69,7 +69,7 @@ def test_cap_holds_at_8192_tokens():
     rng = np.random.default_rng(1)
     ids, special = random_text(rng, 8192)
     masks = sample_text_masks(
-        ids, special, MaskingConfig(num_decoder_masks=4), mask_token_id=MASK_ID,
+        ids, special, RetroMAEConfig(decoder_masks=4), mask_token_id=MASK_ID,
         vocab_size=VOCAB, continuation=None, rng=rng,
     )  # fmt: skip
     assert (masks.encoder_labels != IGNORE_LABEL).sum() == 512
@@ -84,7 +84,7 @@ def test_replacement_is_80_10_10_and_positions_are_uniform():
     for _ in range(texts):
         ids, special = random_text(rng, n)
         masks = sample_text_masks(
-            ids, special, MaskingConfig(), mask_token_id=MASK_ID, vocab_size=VOCAB,
+            ids, special, RetroMAEConfig(), mask_token_id=MASK_ID, vocab_size=VOCAB,
             continuation=None, rng=rng,
         )  # fmt: skip
         labelled = masks.encoder_labels != IGNORE_LABEL
@@ -109,7 +109,7 @@ def test_replacement_is_80_10_10_and_positions_are_uniform():
 def test_decoder_masks_follow_the_ratio_and_the_choice_is_uniform():
     rng = np.random.default_rng(3)
     n, texts, num_masks = 60, 50, 8
-    config = MaskingConfig(num_decoder_masks=num_masks)
+    config = RetroMAEConfig(decoder_masks=num_masks)
     choices = np.zeros(num_masks)
     for _ in range(texts):
         ids, special = random_text(rng, n)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from m3_jax import sharding
-from m3_jax.config import OptimConfig, tiny
-from m3_jax.data.mlm_masks import MaskingConfig, collate, sample_text_masks
+from m3_jax.config import OptimConfig, RetroMAEConfig, tiny
+from m3_jax.data.mlm_masks import collate, sample_text_masks
 from m3_jax.model import RetroMAEModel
 from m3_jax.model import graphdef as graphdef_of
 from m3_jax.tiny import random_params
@@ -25,10 +25,8 @@ from m3_jax.training.state import init_state
 VOCAB = 120
 ROWS, LENGTH = 8, 24
 CFG = tiny(vocab_size=VOCAB, num_hidden_layers=1, attention_chunk_size=8)
-MASKING = MaskingConfig(num_decoder_masks=6)
-STEP = RetroMAEStepConfig(
-    MASKING, chunk_tokens=40, sub_batch_size=None, dropout=False, data_shards=1
-)
+MASKING = RetroMAEConfig(decoder_masks=6, loss_chunk_tokens=40)
+STEP = RetroMAEStepConfig(MASKING, sub_batch_size=None, dropout=False, data_shards=1)
 
 
 def make_batch(seed: int) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from m3_jax.config.run import (
     MeshConfig,
     ModelSource,
     OptimConfig,
+    RetroMAEConfig,
     RunConfig,
     TrainConfig,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "ModelSource",
     "OptimConfig",
+    "RetroMAEConfig",
     "RunConfig",
     "TrainConfig",
     "base_size",

@@ -137,6 +137,38 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetroMAEConfig:
+    """RetroMAE pre-training (`objective="retromae"`): FlagEmbedding's defaults, see
+    `m3_jax.data.mlm_masks` for how masks are sampled."""
+
+    encoder_mask_ratio: float = knob(0.3, "share of a text's tokens the encoder predicts")
+    decoder_mask_ratio: float = knob(0.5, "share of the keys each decoder query cannot see")
+    whole_word_mask: bool = knob(
+        False, "hide whole sentencepiece words (False: the reference on XLM-R)"
+    )
+    decoder_masks: int = knob(128, "masks sampled per text for the decoder's queries to draw from")
+    max_masked_tokens: int = knob(
+        512, "most tokens one mask hides (transformers' max_predictions); 0 = no cap"
+    )
+    loss_chunk_tokens: int = knob(1024, "tokens per block of the MLM head's [tokens, vocab] logits")
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"retromae.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.decoder_masks < 1:
+            raise ValueError(f"retromae.decoder_masks must be >= 1, got {self.decoder_masks}")
+        if self.max_masked_tokens < 0:
+            raise ValueError(
+                f"retromae.max_masked_tokens must be >= 0 (0 = no cap), got {self.max_masked_tokens}"
+            )
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(
+                f"retromae.loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The ("data", "fsdp", "tensor") device mesh and how parameters are laid out on it."""
 
@@ -222,7 +254,9 @@ SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "retromae": RetroMAEConfig,
 }
+OBJECTIVES = ("m3", "retromae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +265,9 @@ class RunConfig:
         "runs/base", "checkpoints, metrics.jsonl, tensorboard/, export/, best/, summary.json"
     )
     seed: int = knob(0, "init, data order, group sampling and dropout all derive from it")
+    objective: str = knob(
+        "m3", "m3: contrastive (fine-tuning, unsupervised); retromae: RetroMAE pre-training"
+    )
     model: ModelSource = dataclasses.field(default_factory=ModelSource)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -239,6 +276,11 @@ class RunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    retromae: RetroMAEConfig = dataclasses.field(default_factory=RetroMAEConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}; expected one of {OBJECTIVES}")
 
     def to_config_dict(self) -> Any:
         """An `ml_collections.ConfigDict` of every key (what config files start from)."""

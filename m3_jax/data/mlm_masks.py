@@ -1,4 +1,4 @@
-"""RetroMAE's masks for one text, sampled on the host with numpy (FlagEmbedding's
+"""RetroMAE's masks for one text (the knobs are `RetroMAEConfig`'s, the run's `retromae` section), sampled on the host with numpy (FlagEmbedding's
 `RetroMAECollator`, itself transformers' `DataCollatorForWholeWordMask`).
 
 - A mask hides exactly `mask_budget(n, ratio, cap)` = min(cap, max(1, round(n · ratio))) of a
@@ -10,11 +10,11 @@
 - The reference skips BERT's [CLS] and [SEP] by name; here the tokenizer's special tokens (<s>,
   </s>, <pad>, ...) are never hidden, so on XLM-R too the decoder always sees the [CLS] state at
   position 0, as RetroMAE intends.
-- `cap` is transformers' `max_predictions`, 512 in the reference: at 8192 tokens it hides 512
-  tokens (6%) whatever the ratio. 0 lifts it (the ratio at every length).
+- `cap` (`retromae.max_masked_tokens`) is transformers' `max_predictions`, 512 in the
+  reference: at 8192 tokens it hides 512 tokens (6%) whatever the ratio. 0 lifts it.
 - Encoder input: one mask at the encoder ratio; the hidden tokens become the labels and are
   replaced 80% by <mask>, 10% by a random id of the vocabulary, 10% kept (`torch_mask_tokens`).
-- Decoder: min(n, num_decoder_masks) masks at the decoder ratio, and for each position the index
+- Decoder: min(n, `retromae.decoder_masks`) masks at the decoder ratio, and for each position the index
   of the mask it attends through (uniform); the model hides the position itself as well.
 """
 
@@ -24,27 +24,10 @@ import dataclasses
 
 import numpy as np
 
+from m3_jax.config import RetroMAEConfig
 from m3_jax.retromae import IGNORE_LABEL
 
 WORD_START = "▁"  # sentencepiece's word-boundary marker
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskingConfig:
-    encoder_ratio: float = 0.3
-    decoder_ratio: float = 0.5
-    whole_word: bool = False
-    num_decoder_masks: int = 128
-    cap: int = 512
-
-    def __post_init__(self) -> None:
-        for name in ("encoder_ratio", "decoder_ratio"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.num_decoder_masks < 1:
-            raise ValueError(f"num_decoder_masks must be >= 1, got {self.num_decoder_masks}")
-        if self.cap < 0:
-            raise ValueError(f"the masked-token cap must be >= 0 (0 = none), got {self.cap}")
 
 
 def mask_budget(num_tokens: int, ratio: float, cap: int) -> int:
@@ -118,14 +101,14 @@ class TextMasks:
 
     encoder_input_ids: np.ndarray  # [n]
     encoder_labels: np.ndarray  # [n]
-    decoder_mask_set: np.ndarray  # [min(n, num_decoder_masks), n] bool, True = hidden
+    decoder_mask_set: np.ndarray  # [min(n, retromae.decoder_masks), n] bool, True = hidden
     decoder_mask_choice: np.ndarray  # [n] the mask each position attends through
 
 
 def sample_text_masks(
     token_ids: np.ndarray,
     special: np.ndarray,
-    config: MaskingConfig,
+    config: RetroMAEConfig,
     *,
     mask_token_id: int,
     vocab_size: int,
@@ -134,13 +117,15 @@ def sample_text_masks(
 ) -> TextMasks:
     """The encoder's masked copy and the decoder's masks for one text (module docstring).
     special: [n] bool, the special tokens; continuation: `continuation_table` when
-    `config.whole_word`, else None."""
+    `config.whole_word_mask`, else None."""
     n = token_ids.shape[0]
-    words = word_ids(token_ids, special, continuation if config.whole_word else None)
-    encoder_hidden = sample_mask(words, mask_budget(n, config.encoder_ratio, config.cap), rng)
+    words = word_ids(token_ids, special, continuation if config.whole_word_mask else None)
+    encoder_hidden = sample_mask(
+        words, mask_budget(n, config.encoder_mask_ratio, config.max_masked_tokens), rng
+    )
     ids, labels = encoder_input(token_ids, encoder_hidden, mask_token_id, vocab_size, rng)
-    num_masks = min(n, config.num_decoder_masks)
-    budget = mask_budget(n, config.decoder_ratio, config.cap)
+    num_masks = min(n, config.decoder_masks)
+    budget = mask_budget(n, config.decoder_mask_ratio, config.max_masked_tokens)
     mask_set = np.stack([sample_mask(words, budget, rng) for _ in range(num_masks)])
     return TextMasks(ids, labels, mask_set, rng.integers(0, num_masks, n))
 
@@ -149,12 +134,12 @@ def collate(
     token_ids: list[np.ndarray],
     masks: list[TextMasks],
     length: int,
-    config: MaskingConfig,
+    config: RetroMAEConfig,
     pad_token_id: int,
 ) -> dict[str, np.ndarray]:
     """The padded batch `m3_jax.retromae.retromae_sums` reads, of static shape: texts padded
-    to `length` tokens, mask sets to min(length, num_decoder_masks) masks."""
-    rows, num_masks = len(token_ids), min(length, config.num_decoder_masks)
+    to `length` tokens, mask sets to min(length, decoder_masks) masks."""
+    rows, num_masks = len(token_ids), min(length, config.decoder_masks)
     batch = {
         "input_ids": np.full((rows, length), pad_token_id, np.int32),
         "attention_mask": np.zeros((rows, length), np.int32),

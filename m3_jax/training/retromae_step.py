@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m3_jax.data.mlm_masks import MaskingConfig, mask_budget
+from m3_jax.config import RetroMAEConfig
+from m3_jax.data.mlm_masks import mask_budget
 from m3_jax.model import Params
 from m3_jax.retromae import losses_from_sums, retromae_sums
 from m3_jax.training.optim import apply_update
@@ -31,8 +32,7 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class RetroMAEStepConfig:
-    masking: MaskingConfig  # sets the encoder's most labels per text (a static shape)
-    chunk_tokens: int  # tokens per MLM-head block (its [tokens, vocab] logits)
+    retromae: RetroMAEConfig  # masking (the encoder's most labels per text) and loss blocks
     sub_batch_size: int | None  # rows per device per model call; None = all at once
     dropout: bool
     data_shards: int  # blocks the rows are split into over devices (data-parallel size)
@@ -47,11 +47,11 @@ def loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss and its parts ("encoder", "decoder", "loss") of one batch."""
     length = batch["input_ids"].shape[1]
-    masking = config.masking
+    r = config.retromae
     sums_of = functools.partial(
         retromae_sums,
-        max_predictions=mask_budget(length, masking.encoder_ratio, masking.cap),
-        chunk_tokens=config.chunk_tokens,
+        max_predictions=mask_budget(length, r.encoder_mask_ratio, r.max_masked_tokens),
+        chunk_tokens=r.loss_chunk_tokens,
     )
 
     def run(rows: Batch, rng: jax.Array | None) -> dict[str, jax.Array]:
