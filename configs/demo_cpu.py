@@ -1,6 +1,8 @@
 """A tiny M3 model trained from scratch on the bundled synthetic data: minutes on 2 CPU cores.
 
 python train/main.py --config configs/demo_cpu.py
+python train/main.py --config configs/demo_cpu.py:pipeline   # stage 3 after the two pre-training
+                                                             # demos (configs/demo_cpu_retromae.py)
 
 The bundled data and tokenizer are found from this file, so the command runs from any directory
 (with the config's path from there); the run directory, runs/demo_cpu, is relative to where it runs.
@@ -38,4 +40,10 @@ def get_config(arg: str | None = None) -> "base.ConfigDict":
     c.train.save_every = 200
     c.eval.heldout_file = str(DEMO_DATA / "heldout.jsonl")
     c.eval.corpus_file = str(DEMO_DATA / "heldout_corpus.jsonl")
+    if arg == "pipeline":
+        # Stage 3 of the pipeline demo: from the pre-trained stages' export, not from scratch.
+        c.workdir = "runs/demo_cpu_pipeline"
+        c.model.init_from = "runs/demo_cpu_unsupervised/export"
+    elif arg:
+        raise ValueError(f"configs/demo_cpu.py takes no argument or ':pipeline', got {arg!r}")
     return c

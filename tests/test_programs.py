@@ -6,6 +6,7 @@ gets its own program; a failed compile is raised where the program is asked for.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -27,6 +28,7 @@ from tests.test_step import make_batch
 
 CFG = tiny(vocab_size=100, num_hidden_layers=1)
 SHAPES = [BatchShape(2, 8, 16, 2, True), BatchShape(2, 8, 32, 2, True)]
+NO_TEACHER = functools.partial(sharded.batch_spec, with_teacher=False)
 
 
 def test_compile_workers():
@@ -54,7 +56,7 @@ def setup():
 
 def test_programs_compute_the_jitted_step(setup):
     mesh, params, tx, layout, step_fn, spec = setup
-    programs = BucketPrograms({True: step_fn}, spec, SHAPES, False, mesh, workers=2)
+    programs = BucketPrograms({True: step_fn}, spec, SHAPES, NO_TEACHER, mesh, workers=2)
     assert len(programs) == 2
     assert programs[SHAPES[0]] is not programs[SHAPES[1]]
 
@@ -83,7 +85,7 @@ def test_a_failed_compile_is_raised_where_the_program_is_asked_for(setup):
             raise ValueError("no program for this length")
         return lr * 2
 
-    programs = BucketPrograms({True: jax.jit(step)}, spec, SHAPES, False, mesh, workers=1)
+    programs = BucketPrograms({True: jax.jit(step)}, spec, SHAPES, NO_TEACHER, mesh, workers=1)
     assert programs[SHAPES[0]] is not None
     with pytest.raises(ValueError, match="no program for this length"):
         programs[SHAPES[1]]

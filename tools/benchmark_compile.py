@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -43,6 +44,8 @@ from m3_jax.training.optim import apply_update, make_optimizer
 from m3_jax.training.programs import BucketPrograms
 from m3_jax.training.state import abstract_state
 from m3_jax.training.step import StepConfig, encode, loss_fn
+
+NO_TEACHER = functools.partial(sharded.batch_spec, with_teacher=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +88,7 @@ def bucket_shapes(args) -> list[BatchShape]:
 def compile_buckets(s: Setup, shapes: list[BatchShape], workers: int) -> tuple[dict, float]:
     """({bucket label: seconds}, wall seconds) of compiling every bucket on `workers` threads."""
     start = time.perf_counter()
-    programs = BucketPrograms({True: s.step_fn}, s.state_spec, shapes, False, s.mesh, workers)
+    programs = BucketPrograms({True: s.step_fn}, s.state_spec, shapes, NO_TEACHER, s.mesh, workers)
     seconds = programs.wait_all()
     return seconds, time.perf_counter() - start
 
@@ -116,7 +119,7 @@ def breakdown(s: Setup, shape: BatchShape) -> dict[str, float]:
     no_dropout = dataclasses.replace(s.step_config, dropout=False)
     layout = sharded.state_shardings(s.config, s.tx, s.mesh, sharding.FSDP_RULES)
     step_fn = sharded.jit_train_step(model, s.tx, no_dropout, layout, s.mesh)
-    programs = BucketPrograms({True: step_fn}, s.state_spec, [shape], False, s.mesh, 1)
+    programs = BucketPrograms({True: step_fn}, s.state_spec, [shape], NO_TEACHER, s.mesh, 1)
     return {
         "train step without dropout": programs.wait_all()[shape.label],
         "encoder forward (passages)": compile_seconds(encoder, params, batch),

@@ -9,6 +9,10 @@ Files:
   heldout_corpus.jsonl  {"id", "text"}: every held-out positive plus same-topic distractors
   heldout_beir/         the held-out set in BEIR's layout (corpus.jsonl, queries.jsonl,
                         qrels/test.tsv), for `m3-jax evaluate --data`
+  texts.jsonl           {"text"}: every distinct training passage once, the plain-text corpus
+                        of the pre-training demo (RetroMAE, stage 1)
+  pairs.jsonl           {"query", "pos": [1]}: the training pairs without negatives or
+                        teacher scores (unsupervised contrastive pre-training, stage 2)
 
 The text is made of "words" written in the scripts the tiny tokenizer is trained on
 (`m3_jax.tiny.SCRIPTS`), so a tiny model trained from scratch can read it. Each topic has its own
@@ -211,6 +215,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def pretraining_sets(train: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(texts, pairs) of the first two stages, from the training records."""
+    passages = dict.fromkeys(text for r in train for text in (*r["pos"], *r["neg"]))
+    pairs = [{"query": r["query"], "pos": r["pos"]} for r in train]
+    return [{"text": text} for text in passages], pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,11 +243,20 @@ def main() -> None:
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "heldout.jsonl", heldout)
     write_jsonl(args.out / "heldout_corpus.jsonl", corpus)
+    texts, pairs = pretraining_sets(train)
+    write_jsonl(args.out / "texts.jsonl", texts)
+    write_jsonl(args.out / "pairs.jsonl", pairs)
     beir = write_beir(
         load_heldout(args.out / "heldout.jsonl", args.out / "heldout_corpus.jsonl"),
         args.out / "heldout_beir",
     )
-    for name in ("train.jsonl", "heldout.jsonl", "heldout_corpus.jsonl"):
+    for name in (
+        "train.jsonl",
+        "heldout.jsonl",
+        "heldout_corpus.jsonl",
+        "texts.jsonl",
+        "pairs.jsonl",
+    ):
         print(f"{args.out / name}: {(args.out / name).stat().st_size / 1e6:.2f} MB")
     print(f"{beir}: BEIR layout of the held-out set")
 

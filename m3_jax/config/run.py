@@ -46,6 +46,9 @@ class ModelSource:
     init_from: str = knob("", "m3_jax dir, run dir, BGE-M3 PyTorch dir or hub id; '' = preset")
     fresh_heads: bool = knob(False, "allow a PyTorch checkpoint without colbert/sparse head files")
     tokenizer: str = knob("", "tokenizer dir; '' = the init_from dir")
+    max_length: int = knob(
+        0, "extend init_from's position table to this many tokens (tiled rows); 0 = as is"
+    )
     preset: str = knob("bge_m3", "geometry of a fresh init: bge_m3, base_size or tiny")
     geometry: dict = knob({}, "ModelConfig field overrides for a fresh init (hidden_size=...)")
     dtype: str = knob("float32", "compute dtype: float32 or bfloat16 (params stay float32)")
@@ -281,6 +284,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; expected one of {OBJECTIVES}")
+        if self.objective == "retromae" and self.data.group_size != 1:
+            raise ValueError(
+                f"objective='retromae' trains on one text per row: set data.group_size=1 "
+                f"(got {self.data.group_size})"
+            )
 
     def to_config_dict(self) -> Any:
         """An `ml_collections.ConfigDict` of every key (what config files start from)."""

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -159,3 +160,46 @@ def collate(
         batch["decoder_mask_set"][row, : text.decoder_mask_set.shape[0], :n] = text.decoder_mask_set
         batch["decoder_mask_choice"][row, :n] = text.decoder_mask_choice
     return batch
+
+
+class TextMasker:
+    """The training loader's transform for RetroMAE (`TrainLoader(transform=...)`): the texts of
+    a group-size-1 host batch (its passage rows) → the padded RetroMAE batch, each row's masks
+    drawn from its own seed (so any batch can be rebuilt, as on resume)."""
+
+    def __init__(self, config: RetroMAEConfig, tokenizer: Any):
+        self.config = config
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.vocab_size = len(tokenizer)
+        self.special_ids = np.asarray(sorted(tokenizer.all_special_ids))
+        self.continuation = None
+        if config.whole_word_mask:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+            self.continuation = continuation_table(pieces, set(self.special_ids.tolist()))
+
+    def __call__(
+        self, host_batch: dict[str, np.ndarray], row_seeds: list[tuple[int, ...]]
+    ) -> dict[str, np.ndarray]:
+        ids, mask = host_batch["passage_ids"], host_batch["passage_mask"]
+        if ids.shape[0] != len(row_seeds):
+            raise ValueError(
+                f"RetroMAE reads one text per row: {ids.shape[0]} passages for "
+                f"{len(row_seeds)} rows (set data.group_size=1)"
+            )
+        texts, masks = [], []
+        for row, seed in enumerate(row_seeds):
+            text = ids[row, : int(mask[row].sum())]
+            texts.append(text)
+            masks.append(
+                sample_text_masks(
+                    text,
+                    np.isin(text, self.special_ids),
+                    self.config,
+                    mask_token_id=self.mask_token_id,
+                    vocab_size=self.vocab_size,
+                    continuation=self.continuation,
+                    rng=np.random.default_rng(seed),
+                )
+            )
+        return collate(texts, masks, ids.shape[1], self.config, self.pad_token_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -68,13 +68,19 @@ NUM_THREADS = 2
 PREFETCH = 4
 
 
+# (host batch, one seed tuple per row: (seed, epoch, step, global row)) -> the batch a step takes.
+BatchTransform = Callable[[HostBatch, list[tuple[int, ...]]], HostBatch]
+
+
 class TrainLoader:
     """Host batches for process `process_index` of `process_count`, for any (epoch, step), read
     from prepared sets (`m3_jax.data.prepared`).
 
     data: what shapes the batches; seed: the plan's and the groups' seed; batch_multiple: global
     batch sizes are multiples of it (`data.batch_multiple` resolved; normally the number of
-    data-parallel shards, and always a multiple of the process count); pad_id: the tokenizer's.
+    data-parallel shards, and always a multiple of the process count); pad_id: the tokenizer's;
+    transform: turns each host batch into what the step takes (RetroMAE's masks), drawing its
+    randomness from the per-row seeds so that a resumed run sees the same batches.
     Nothing is read at construction: the plan comes from the manifests' counts.
     """
 
@@ -88,6 +94,7 @@ class TrainLoader:
         pad_id: int,
         process_index: int = 0,
         process_count: int = 1,
+        transform: BatchTransform | None = None,
     ) -> None:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -105,6 +112,7 @@ class TrainLoader:
         self.process_index = process_index
         self.process_count = process_count
         self.pad_id = pad_id
+        self.transform = transform
         self.num_records = sum(d.records for s in sources for d in s.manifest.datasets)
         self.buckets, self.num_unused_examples = plan_buckets(
             [s.manifest for s in sources], data, self.sizing
@@ -185,6 +193,9 @@ class TrainLoader:
         )
         if d.knowledge_distillation:
             batch_arrays["teacher_scores"] = np.stack(scores).astype(np.float32)
+        if self.transform is not None:
+            seeds = [(self.seed, position.epoch, position.step, row) for row in rows]
+            batch_arrays = self.transform(batch_arrays, seeds)
         return bucket.shape, batch_arrays
 
     def _read_examples(self, bucket: TrainBucket, positions: np.ndarray) -> list[dict]:

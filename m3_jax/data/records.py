@@ -2,8 +2,12 @@
 
 One JSON object per line: `{"query": str, "pos": [str, ...], "neg": [str, ...]}`, optionally with
 teacher scores `pos_scores`/`neg_scores` aligned with `pos`/`neg`, a per-record query `prompt`, and
-FlagEmbedding's per-file `type`, `batch_size` and `train_group_size`. Other fields are ignored. Every record is checked before any is returned, so a bad line
-deep in a file fails before training starts, with the file, line and field in the message.
+FlagEmbedding's per-file `type`, `batch_size` and `train_group_size`. Other fields are ignored.
+RetroMAE pre-training reads plain texts, `{"text": str}` (FlagEmbedding's pre-training format):
+such a line is a record with an empty query and the text as its only passage, so texts are
+prepared, bucketed by length and batched like any other records. Every record is checked before
+any is returned, so a bad line deep in a file fails before training starts, with the file, line
+and field in the message.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ def iter_records(
 
 def parse_record(obj: Any, where: str) -> Record:
     """A validated `Record` from one decoded JSON value; `where` is `path:line`."""
+    if "query" not in obj and "text" in obj:
+        return text_record(obj, where)
     query = obj.get("query")
     if not isinstance(query, str) or not query.strip():
         raise InputError(f"{where}: field 'query': {_describe_missing(obj, 'query')}")
@@ -93,6 +99,14 @@ def parse_record(obj: Any, where: str) -> Record:
     return Record(
         query, pos, neg, pos_scores, neg_scores, prompt, record_type, batch_size, group_size, where
     )
+
+
+def text_record(obj: dict, where: str) -> Record:
+    """A plain-text line, `{"text": str}`: an empty query with the text as its positive."""
+    text = obj["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: field 'text': {_describe_missing(obj, 'text')}")
+    return Record("", (text,), (), None, None, None, None, None, None, where)
 
 
 def _positive_int(obj: dict, field: str, where: str) -> int | None:

@@ -21,14 +21,19 @@ a block of `attention_chunk_size` queries at a time, so an 8192-token text never
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from m3_jax.config import ModelConfig
 from m3_jax.model.attention import masked_softmax_attention
 from m3_jax.model.encoder import Encoder, EncoderLayer
 from m3_jax.model.layers import Dense, LayerNorm, gelu, make_param
+
+Params = dict[str, Any]
 
 
 class MLMHead(nnx.Module):
@@ -135,3 +140,17 @@ class RetroMAEModel(nnx.Module):
             dropout_rng=rngs[2],
         )
         return layer.residual_and_feed_forward(query, attn.output(heads), rngs[3:])
+
+
+def retromae_params(
+    config: ModelConfig, encoder: Params, mlm_head: Params | None, seed: int
+) -> Params:
+    """RetroMAEModel params from an encoder's and, where the source has one, its MLM head's
+    (XLM-R's); the decoder layer, and a missing MLM head, start from the model's random init
+    (N(0, initializer_range) weights, as FlagEmbedding's `_init_weights`)."""
+    rngs, float32 = nnx.Rngs(seed), config.replace(param_dtype="float32")
+    fresh = {"decoder": nnx.to_pure_dict(nnx.state(EncoderLayer(float32, rngs=rngs), nnx.Param))}
+    if mlm_head is None:
+        fresh["lm_head"] = nnx.to_pure_dict(nnx.state(MLMHead(float32, rngs=rngs), nnx.Param))
+    fresh = jax.tree.map(np.asarray, fresh)
+    return {"encoder": encoder, "lm_head": mlm_head, **fresh}

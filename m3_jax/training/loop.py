@@ -9,6 +9,7 @@ The run directory's layout is `m3_jax.run_dir`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,10 +27,13 @@ from tqdm.auto import tqdm
 
 from m3_jax import checkpoint, flops, sharding
 from m3_jax.config import PRESETS, ModelConfig, RunConfig
+from m3_jax.convert.positions import extend_positions
 from m3_jax.data.pipeline import LoaderPosition, TrainLoader, to_global_batch
 from m3_jax.data.sources import open_sources
 from m3_jax.loading import load_params
 from m3_jax.model import Params, abstract_params, graphdef
+from m3_jax.model.abstract import ModelClass
+from m3_jax.model.retromae import retromae_params
 from m3_jax.run_dir import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -49,10 +53,10 @@ from m3_jax.training.monitor import (
     TrainingStopped,
     summarize_window,
 )
+from m3_jax.training.objectives import make_objective
 from m3_jax.training.optim import make_optimizer
 from m3_jax.training.programs import BucketPrograms
 from m3_jax.training.state import TrainState, abstract_state
-from m3_jax.training.step import StepConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +89,13 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     check_tokenizer_matches(tokenizer, model_config, tokenizer_dir)
     mesh = sharding.mesh_from_config(run.mesh)
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    loader = make_loader(run, run.data.train_files, tokenizer_dir, tokenizer, mesh, show)
+    objective = make_objective(run, model_config, tokenizer)
+    loader = make_loader(run, run.data.train_files, tokenizer_dir, tokenizer, mesh, show, objective)
     dev_loader = None
     if run.eval.loss_files:
-        dev_loader = make_loader(run, run.eval.loss_files, tokenizer_dir, tokenizer, mesh, show)
+        dev_loader = make_loader(
+            run, run.eval.loss_files, tokenizer_dir, tokenizer, mesh, show, objective
+        )
     total_steps = run.train.num_steps or run.train.num_epochs * loader.steps_per_epoch
     log_plan(loader, total_steps)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,40 +103,26 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         write_run_info(workdir, model_config, tokenizer_dir)
 
     # Optimizer, step and the sharded state: resumed from the newest checkpoint onto this mesh.
-    tx, schedule = make_optimizer(run.optim, total_steps, abstract_params(float32(model_config)))
+    model_class = objective.model_class
+    abstract = abstract_params(float32(model_config), model_class)
+    tx, schedule = make_optimizer(run.optim, total_steps, abstract)
     dp = sharding.data_parallel_size(mesh)
-    loss = dataclasses.replace(
-        run.loss, num_shards=dp if run.loss.num_shards < 0 else run.loss.num_shards
-    )
-
-    def step_config(in_batch_negatives: bool) -> StepConfig:
-        # Datasets from `*no_in_batch_neg` directories score each query on its own group only.
-        scored = dataclasses.replace(
-            loss, in_batch_negatives=loss.in_batch_negatives and in_batch_negatives
-        )
-        return StepConfig(
-            scored,
-            run.train.sub_batch_size,
-            run.train.dropout,
-            data_shards=dp,
-            special_token_ids=model_config.special_token_ids,
-        )
-
-    layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules)
-    state_spec = sharded.with_shardings(
-        abstract_state(abstract_params(float32(model_config)), tx), layout
-    )
+    step_config = functools.partial(objective.step_config, run, model_config, dp)
+    layout = sharded.state_shardings(model_config, tx, mesh, run.mesh.rules, model_class)
+    state_spec = sharded.with_shardings(abstract_state(abstract, tx), layout)
     # One program per bucket shape, compiling in the background from here on (programs.py).
-    model = graphdef(model_config)
+    model = graphdef(model_config, model_class)
     train_fns = {
-        flag: sharded.jit_train_step(model, tx, step_config(flag), layout, mesh)
+        flag: sharded.jit_train_step(
+            model, tx, step_config(flag), layout, mesh, objective.train_step
+        )
         for flag in {s.in_batch_negatives for s in loader.bucket_shapes()}
     }
     programs = BucketPrograms(
         train_fns,
         state_spec,
         loader.bucket_shapes(),
-        run.data.knowledge_distillation,
+        objective.batch_spec,
         mesh,
         run.train.compile_workers,
     )
@@ -142,7 +135,16 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     settings = plan_settings(run, mesh)
     try:
         state, start = resume_or_init(
-            manager, model_config, host_params, tx, layout, state_spec, loader, settings, run.seed
+            manager,
+            model_config,
+            host_params,
+            tx,
+            layout,
+            state_spec,
+            loader,
+            settings,
+            run.seed,
+            model_class,
         )
     except BaseException:
         programs.close()
@@ -150,14 +152,14 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
     del host_params
     with jax.set_mesh(mesh):
         eval_steps = {
-            flag: sharded.jit_eval_step(model, step_config(flag), layout, mesh)
+            flag: sharded.jit_eval_step(model, step_config(flag), layout, mesh, objective.eval_loss)
             for flag in (False, True)
         }
     summary: dict[str, Any] = {}
 
     writer = MetricsWriter(workdir / METRICS_FILE) if lead else None
     evaluator = Evaluator(
-        run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_steps, mesh, writer
+        run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_steps, mesh, writer, objective
     )
     try:
         if evaluator.active and run.eval.before_training and int(state.step) == 0:
@@ -181,10 +183,10 @@ def train(run: RunConfig, eval_fn: EvalFn | None = None) -> dict:
         summary["compile_seconds"] = programs.wait_all()
         log.info("compiled %d bucket programs: %s", len(programs), summary["compile_seconds"])
         # Export params for M3Embedder.from_pretrained.
-        params = gather(state.params)
+        params, mlm_head = objective.model_params(gather(state.params))
         export = workdir / EXPORT_DIR
         if not export.exists():
-            save_model_dir(export, float32(model_config), params, tokenizer_dir)
+            save_model_dir(export, float32(model_config), params, tokenizer_dir, mlm_head)
         losses = {k: v for k, v in last_logged.items() if k.startswith("loss/")}
         summary.update(final_step=int(state.step), export=str(export), final_losses=losses)
         if evaluator.active:
@@ -218,7 +220,9 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 def load_initial_model(run: RunConfig) -> tuple[ModelConfig, Params | None, Path]:
     """(model config, float32 host params or None for a fresh init, tokenizer dir) from
-    `model.init_from`, or from `model.preset` and the tokenizer's vocabulary."""
+    `model.init_from` (its positions extended to `model.max_length`; for RetroMAE with its MLM
+    head, or a fresh one, and a fresh decoder), or from `model.preset` and the tokenizer's
+    vocabulary."""
     m = run.model
     overrides = dict(
         dtype=m.dtype,
@@ -231,10 +235,19 @@ def load_initial_model(run: RunConfig) -> tuple[ModelConfig, Params | None, Path
     if m.attention_probs_dropout_prob >= 0:
         overrides["attention_probs_dropout_prob"] = m.attention_probs_dropout_prob
     if m.init_from:
+        retromae = run.objective == "retromae"  # BGE-M3's heads are not trained: none needed
         loaded = load_params(
-            m.init_from, tokenizer_dir=m.tokenizer or None, fresh_heads=m.fresh_heads, **overrides
+            m.init_from,
+            tokenizer_dir=m.tokenizer or None,
+            fresh_heads=m.fresh_heads or retromae,
+            **overrides,
         )
-        return loaded.config, loaded.params, loaded.tokenizer_dir
+        config, params = loaded.config, loaded.params
+        if m.max_length:
+            config, params = extend_positions(config, params, m.max_length)
+        if retromae:
+            params = retromae_params(config, params["encoder"], loaded.mlm_head, run.seed)
+        return config, params, loaded.tokenizer_dir
     if not m.tokenizer:
         raise ValueError(
             "model.tokenizer must name a tokenizer directory when model.init_from is unset"
@@ -247,7 +260,7 @@ def load_initial_model(run: RunConfig) -> tuple[ModelConfig, Params | None, Path
 
 
 def make_loader(
-    run: RunConfig, files, tokenizer_dir: Path, tokenizer, mesh: Mesh, show: bool
+    run: RunConfig, files, tokenizer_dir: Path, tokenizer, mesh: Mesh, show: bool, objective
 ) -> TrainLoader:
     sources = open_sources(
         files, run.data, tokenizer_dir, process_index=jax.process_index(), progress=show
@@ -261,6 +274,7 @@ def make_loader(
         pad_id=int(tokenizer.pad_token_id),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        transform=objective.transform,
     )
 
 
@@ -289,6 +303,7 @@ def resume_or_init(
     loader: TrainLoader,
     settings: dict,
     seed: int,
+    model_class: ModelClass,
 ) -> tuple[TrainState, LoaderPosition]:
     """The newest checkpoint's state and loader position, or the step-0 state (imported params,
     else a fresh sharded init) at the start of the data. target: the state's ShapeDtypeStructs
@@ -301,7 +316,7 @@ def resume_or_init(
         log.info("resumed from step %d at loader position %s", int(state.step), position)
         return state, position
     if host_params is None:
-        params = sharded.fresh_params(model_config, seed, layout.params)
+        params = sharded.fresh_params(model_config, seed, layout.params, model_class)
     else:
         params = sharding.put_global(host_params, layout.params)
     return sharded.initial_state(params, tx, seed, layout), LoaderPosition()
@@ -315,7 +330,16 @@ class Evaluator:
     metrics.jsonl and offered to best/."""
 
     def __init__(
-        self, run, model_config, tokenizer_dir, eval_fn, dev_loader, eval_steps, mesh, writer
+        self,
+        run,
+        model_config,
+        tokenizer_dir,
+        eval_fn,
+        dev_loader,
+        eval_steps,
+        mesh,
+        writer,
+        objective,
     ):
         if eval_fn is not None and jax.process_count() > 1:
             # Retrieval evaluation places its corpus on this process's devices only.
@@ -326,7 +350,7 @@ class Evaluator:
             eval_fn = None
         self.model_config, self.tokenizer_dir = model_config, tokenizer_dir
         self.eval_fn, self.dev_loader, self.eval_steps = eval_fn, dev_loader, eval_steps
-        self.mesh, self.writer = mesh, writer
+        self.mesh, self.writer, self.objective = mesh, writer, objective
         self.active = eval_fn is not None or dev_loader is not None
         workdir = Path(run.workdir)
         self.best = (
@@ -342,12 +366,13 @@ class Evaluator:
             with jax.set_mesh(self.mesh):
                 metrics.update(dev_loss(self.eval_steps, state, self.dev_loader, self.mesh))
         if self.eval_fn is not None:
-            metrics.update(self.eval_fn(self.model_config, state.params, self.tokenizer_dir))
+            embedder_params, _ = self.objective.model_params(state.params)
+            metrics.update(self.eval_fn(self.model_config, embedder_params, self.tokenizer_dir))
         log.info("evaluation at step %d: %s", step, metrics)
         if self.writer is not None:
             self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         if host_params is None:
-            host_params = gather(state.params)
+            host_params, _ = self.objective.model_params(gather(state.params))
         self.best.offer(step, metrics, self.model_config, host_params, self.tokenizer_dir)
         return metrics
 

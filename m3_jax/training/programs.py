@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -42,28 +42,33 @@ class BucketPrograms:
         step_fns: dict[bool, Any],
         state_spec: Any,
         shapes: Iterable[BatchShape],
-        teacher: bool,
+        batch_spec: Callable[[BatchShape], dict],
         mesh: Mesh,
         workers: int,
     ):
         """step_fns[in_batch_negatives]: the jitted train steps; state_spec: the train state as
-        ShapeDtypeStructs with shardings; teacher: batches carry teacher scores."""
+        ShapeDtypeStructs with shardings; batch_spec: a bucket's global batch as
+        ShapeDtypeStructs (`sharded.batch_spec`, or RetroMAE's)."""
         shapes = list(shapes)
         self.workers = compile_workers(workers, len(shapes))
         self._pool = ThreadPoolExecutor(self.workers, "compile")
         self._futures: dict[BatchShape, Future] = {
             shape: self._pool.submit(
-                self._compile, step_fns[shape.in_batch_negatives], state_spec, shape, teacher, mesh
+                self._compile,
+                step_fns[shape.in_batch_negatives],
+                state_spec,
+                batch_spec(shape),
+                mesh,
             )
             for shape in shapes
         }
 
     @staticmethod
-    def _compile(step_fn, state_spec, shape: BatchShape, teacher: bool, mesh: Mesh):
+    def _compile(step_fn, state_spec, batch_spec: dict, mesh: Mesh):
         """(the compiled program, seconds to lower and compile it)."""
         start = time.perf_counter()
         with jax.set_mesh(mesh):  # the mesh context is per thread
-            lowered = step_fn.lower(state_spec, sharded.batch_spec(shape, teacher), sharded.LR_SPEC)
+            lowered = step_fn.lower(state_spec, batch_spec, sharded.LR_SPEC)
         program = lowered.compile()
         return program, round(time.perf_counter() - start, 2)
 

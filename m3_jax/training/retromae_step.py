@@ -21,6 +21,7 @@ from flax import nnx
 
 from m3_jax.config import RetroMAEConfig
 from m3_jax.data.mlm_masks import mask_budget
+from m3_jax.data.plan import BatchShape
 from m3_jax.model import Params
 from m3_jax.retromae import losses_from_sums, retromae_sums
 from m3_jax.training.optim import apply_update
@@ -106,3 +107,19 @@ def eval_loss(
     """Loss parts without dropout or an update."""
     _, parts = loss_fn(state.params, graphdef, batch, None, config)
     return parts
+
+
+def batch_spec(shape: BatchShape, config: RetroMAEConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global RetroMAE batch of a bucket (`TextMasker`'s output for its texts): one text of
+    `shape.passage_len` tokens per row."""
+    rows, length = shape.batch_size, shape.passage_len
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    masks = min(length, config.decoder_masks)
+    return {
+        "input_ids": tokens,
+        "attention_mask": tokens,
+        "encoder_input_ids": tokens,
+        "encoder_labels": tokens,
+        "decoder_mask_set": jax.ShapeDtypeStruct((rows, masks, length), jnp.bool_),
+        "decoder_mask_choice": tokens,
+    }
