@@ -3,7 +3,8 @@
 Accepted sources, tried in this order:
 - an m3_jax model directory (`m3_jax_config.json` + `params/`, e.g. a run's `export/` or `best/`);
 - a training run directory (`checkpoints/` inside), `RUN/checkpoints` or `RUN/checkpoints/STEP`:
-  the newest finished checkpoint, or `step`; only the params of the train state are read;
+  the newest finished checkpoint, or `step`; only the params of the train state are read (of a
+  RetroMAE run: its encoder with fresh heads, and its MLM head);
 - a BGE-M3 PyTorch directory or a Hugging Face hub id (`BAAI/bge-m3`), through `convert.from_torch`.
 `M3Embedder.from_pretrained`, the training loop's `model.init_from`, the PyTorch exporter and
 evaluation all load through here.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from m3_jax.config import ModelConfig
-from m3_jax.convert.from_torch import import_checkpoint
+from m3_jax.convert.from_torch import fresh_heads, import_checkpoint
 from m3_jax.model import Params
 from m3_jax.run_dir import (
     CHECKPOINT_DIR,
@@ -27,6 +28,7 @@ from m3_jax.run_dir import (
     check_tokenizer_dir,
     checkpoint_steps,
     is_model_dir,
+    is_retromae_tree,
     is_run_dir,
     locate_run,
     read_config,
@@ -118,5 +120,10 @@ def _load_run(
     config = read_config(config_file or info / CONFIG_FILE).replace(**config_overrides)
     tokenizer = check_tokenizer_dir(tokenizer_dir or info, f"run {run}")
     state_dir = run / CHECKPOINT_DIR / str(step) / STATE_ITEM
-    params = restore_params(state_dir, config, subtree="params")
-    return LoadedParams(config, params, tokenizer, f"run {run}, step {step}", step)
+    params = restore_params(state_dir, config, subtree="params", model_class=None)
+    mlm_head = None
+    if is_retromae_tree(params):
+        # A RetroMAE run: its encoder, with fresh heads as in its export/, and the MLM head.
+        mlm_head = params["lm_head"]
+        params = {"encoder": params["encoder"], **fresh_heads(config, 0)}
+    return LoadedParams(config, params, tokenizer, f"run {run}, step {step}", step, mlm_head)

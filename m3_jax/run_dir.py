@@ -216,6 +216,11 @@ def _quiet_item_metadata() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def is_retromae_tree(params: Params) -> bool:
+    """Whether a params tree is RetroMAEModel's (a RetroMAE run's train state)."""
+    return {"lm_head", "decoder"} <= set(params)
+
+
 def restore_mlm_head(model_dir: str | os.PathLike, config: ModelConfig) -> Params | None:
     """A model directory's MLM head (float32 host arrays), or None when it has none."""
     path = Path(model_dir) / MLM_HEAD_DIR
@@ -228,12 +233,13 @@ def restore_params(
     path: str | os.PathLike,
     config: ModelConfig,
     subtree: str | None = None,
-    model_class: ModelClass = M3Model,
+    model_class: ModelClass | None = M3Model,
     part: str | None = None,
 ) -> Params:
     """The params in an orbax pytree checkpoint (a model directory's `params/`, or the `params`
     entry of a train state with `subtree="params"`) as float32 host numpy arrays, after checking
-    every name and shape against `model_class(config)` (or its subtree `part`); in the layer
+    every name and shape against `model_class(config)` (or its subtree `part`; None: the model
+    class whose params the checkpoint holds, `is_retromae_tree`); in the layer
     layout `config.scan_layers` says, whichever layout the checkpoint holds."""
     path = Path(path).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
@@ -250,6 +256,8 @@ def restore_params(
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), _int_keys(tree))
     # A train state of a scan_layers run holds stacked layers, model directories per-layer ones.
     stacked = config.replace(scan_layers=layers_stacked(target))
+    if model_class is None:  # a train state: the fine-tuning model's, or RetroMAE's
+        model_class = RetroMAEModel if is_retromae_tree(target) else M3Model
     check_params(target, stacked, str(path), model_class, part)
     item = target if subtree is None else {subtree: target}
     restore_args = jax.tree.map(

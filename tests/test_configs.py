@@ -13,7 +13,12 @@ from m3_jax.config import DataConfig, LossConfig, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
-VARIANTS = {"tpu_v4": ["pod"], "gpu": ["multi"]}
+VARIANTS = {
+    "tpu_v4": ["pod"],
+    "tpu_v4_retromae": ["pod"],
+    "gpu": ["multi"],
+    "demo_cpu": ["pipeline"],
+}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -25,7 +30,7 @@ def test_every_config_file_builds_a_typed_config(name):
         # The typed config holds every key of the file, unchanged (lists become tuples).
         assert RunConfig.from_config_dict(run.to_config_dict()) == run
         assert run.to_config_dict().to_dict() == ConfigDict(c).to_dict()
-    if name in VARIANTS:
+    if VARIANTS.get(name) in (["pod"], ["multi"]):
         assert module.get_config(VARIANTS[name][0]).distributed.initialize
         assert not module.get_config().distributed.initialize
         with pytest.raises(ValueError, match=f"':{VARIANTS[name][0]}'"):
