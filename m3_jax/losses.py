@@ -8,13 +8,17 @@ to these functions are already divided by the temperature.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from m3_jax import scores
 from m3_jax.config import LossConfig
 from m3_jax.config.run import KDLossType
 from m3_jax.model import M3Output
+from m3_jax.model.axes import BATCH_AXES
 
 
 def positive_columns(batch_size: int, group_size: int, in_batch_negatives: bool) -> jax.Array:
@@ -170,6 +174,81 @@ def unified_loss(
     return parts["loss"], parts
 
 
+def _dense_nll_sum(
+    q_dense: jax.Array,
+    p_dense: jax.Array,
+    first_row: jax.Array | int,
+    group_size: int,
+    temperature: float,
+    row_block: int,
+) -> jax.Array:
+    """Σ_i −log softmax(q·pᵀ/τ)[i, (first_row + i)·G] over the rows of q_dense, the rows of the
+    batch from `first_row` on, scored against all of p_dense.
+
+    Rows go `row_block` at a time (0: all at once; the last block is padded with rows that
+    count for nothing) under `jax.checkpoint`, so the forward and the backward pass each hold
+    one [row_block, len(p_dense)] block of scores, never the whole matrix.
+    """
+    rows = q_dense.shape[0]
+    block = rows if row_block <= 0 else min(row_block, rows)
+    blocks = -(-rows // block)
+    padded = blocks * block
+    valid = jnp.arange(padded) < rows
+    targets = jnp.where(valid, (first_row + jnp.arange(padded)) * group_size, 0)
+    q_blocks = jnp.pad(q_dense, ((0, padded - rows), (0, 0))).reshape(blocks, block, -1)
+
+    @jax.checkpoint
+    def block_sum(args):
+        q_block, target, keep = args
+        logits = scores.dense_matrix(q_block, p_dense) / temperature
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, target[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(keep, nll, 0.0))
+
+    sums = jax.lax.map(
+        block_sum, (q_blocks, targets.reshape(blocks, block), valid.reshape(blocks, block))
+    )
+    return sums.sum()
+
+
+def blocked_dense_loss(
+    q_dense: jax.Array,
+    p_dense: jax.Array,
+    group_size: int,
+    temperature: float,
+    row_block: int,
+) -> jax.Array:
+    """InfoNCE over the whole batch, `cross_entropy(dense_matrix(q, p) / τ, b·G)`, without the
+    [B, B*G] matrix: at the paper's stage-2 batch (B = 67,200) it would be 18 GB in fp32.
+
+    Under a mesh with the data-parallel axes (`jax.set_mesh`), each device scores its own query
+    rows against all passages (all-gathered: [B*G, D] is small) in blocks of `row_block` rows
+    (`_dense_nll_sum`), and the row sums meet in a psum. Without one, the same blocks run here.
+    """
+    rows, passages = q_dense.shape[0], p_dense.shape[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return _dense_nll_sum(q_dense, p_dense, 0, group_size, temperature, row_block) / rows
+    devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if rows % devices or passages % devices:
+        raise ValueError(
+            f"{rows} queries and {passages} passages must split evenly over the {devices} "
+            "data-parallel devices"
+        )
+
+    def device_sum(q_local, p_local):
+        p_all = jax.lax.all_gather(p_local, BATCH_AXES, tiled=True)
+        first_row = jax.lax.axis_index(BATCH_AXES) * q_local.shape[0]
+        local = _dense_nll_sum(q_local, p_all, first_row, group_size, temperature, row_block)
+        return jax.lax.psum(local, BATCH_AXES)
+
+    rows_spec = P(BATCH_AXES, None)
+    total = jax.shard_map(device_sum, in_specs=(rows_spec, rows_spec), out_specs=P())(
+        q_dense, p_dense
+    )
+    return total / rows
+
+
 def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
     """x in the forward pass; `scale`·∂ in the backward pass."""
     return scale * x + jax.lax.stop_gradient((1.0 - scale) * x)
@@ -264,22 +343,31 @@ def m3_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The M3 loss of a global batch: `unified_loss` on each shard's local groups, averaged over
     shards (as DDP averages ranks), with the dense term over the global batch when
-    `cross_device_negatives` (its gradient scaled by 1/W with `ddp_dense_grad_scale`)."""
+    `cross_device_negatives` (its gradient scaled by 1/W with `ddp_dense_grad_scale`).
+
+    Without teacher scores, a dense term over the whole batch (cross-device negatives, or a
+    single shard) is `blocked_dense_loss`, which never builds the [B, B*G] matrix. With them,
+    the cross-device term keeps the full matrix and a single shard its local one: m3_kd_loss and
+    kl_div are not blocked, as distillation runs at fine-tuning batches, where [B, B*G] is small.
+    """
     local = local_score_matrices(q, p, q_ids, p_ids, config)
     w = _num_shards(config)
     group_size = group_size_of(q, p)
     local_teacher = None if teacher_scores is None else _shards(teacher_scores, w)
     dense_loss = None
-    if config.cross_device_negatives and config.in_batch_negatives and w > 1:
+    cross_device = config.cross_device_negatives and config.in_batch_negatives and w > 1
+    if teacher_scores is None and config.in_batch_negatives and (cross_device or w == 1):
+        dense_loss = blocked_dense_loss(
+            q.dense, p.dense, group_size, config.temperature, config.dense_row_block
+        )
+    elif teacher_scores is not None and cross_device:
         global_dense = scores.dense_matrix(q.dense, p.dense) / config.temperature
-        teacher_probs = None
-        if teacher_scores is not None:
-            teacher_probs = jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
+        teacher_probs = jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
         dense_loss = contrastive_loss(
             global_dense, group_size, True, teacher_probs, config.kd_loss_type
         )
-        if config.ddp_dense_grad_scale:
-            dense_loss = scale_gradient(dense_loss, 1.0 / w)
+    if cross_device and config.ddp_dense_grad_scale:
+        dense_loss = scale_gradient(dense_loss, 1.0 / w)
     self_distill = config.self_distill and config.unified
     distill_on = jnp.logical_and(self_distill, jnp.asarray(step) > config.self_distill_start_step)
 

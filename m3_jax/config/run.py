@@ -121,6 +121,9 @@ class LossConfig:
     in_batch_negatives: bool = knob(True, "False: each query sees only its own group")
     cross_device_negatives: bool = knob(True, "dense loss over the global batch")
     ddp_dense_grad_scale: bool = knob(False, "scale that dense gradient by 1/shards, as DDP does")
+    dense_row_block: int = knob(
+        1024, "query rows per device per block of the whole-batch dense loss; 0 = all at once"
+    )
     num_shards: int = knob(
         -1, "local groups of the sparse/colbert/ensemble losses; -1 = data-parallel"
     )
@@ -132,6 +135,10 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.dense_row_block < 0:
+            raise ValueError(
+                f"loss.dense_row_block must be >= 0 (0 = all rows), got {self.dense_row_block}"
+            )
         if self.kd_loss_type not in typing.get_args(KDLossType):
             raise ValueError(
                 f"loss.kd_loss_type={self.kd_loss_type!r}; expected one of "

@@ -86,9 +86,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer update at learning rate `lr`; metrics hold the loss parts, lr, grad norm
     and the token count."""
-    rng = None
-    if config.dropout:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = state.dropout_key() if config.dropout else None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, parts), grads = grad_fn(state.params, graphdef, batch, rng, config)
     params, opt_state = apply_update(tx, grads, state.opt_state, state.params, lr)

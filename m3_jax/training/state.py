@@ -19,6 +19,10 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # base key; step t uses fold_in(rng, t), so resuming needs only `step`
 
+    def dropout_key(self) -> jax.Array:
+        """The dropout key of the step this state is about to take."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
 
 def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     params = jax.tree.map(jnp.asarray, params)

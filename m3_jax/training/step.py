@@ -141,9 +141,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer update at learning rate `lr` (an input, see `optim`); metrics hold every
     loss part, the heads' health, lr, grad norm and the token count."""
-    rng = None
-    if config.dropout:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = state.dropout_key() if config.dropout else None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (parts, health)), grads = grad_fn(state.params, graphdef, batch, state.step, rng, config)
     params, opt_state = apply_update(tx, grads, state.opt_state, state.params, lr)
