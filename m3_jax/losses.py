@@ -174,6 +174,13 @@ def unified_loss(
     return parts["loss"], parts
 
 
+def dense_row_blocks(rows: int, row_block: int) -> tuple[int, int]:
+    """(blocks, rows per block): the fewest equal blocks of at most `row_block` rows (0: one
+    block) that hold `rows`; the last is padded by fewer rows than there are blocks."""
+    blocks = 1 if row_block <= 0 else -(-rows // row_block)
+    return blocks, -(-rows // blocks)
+
+
 def _dense_nll_sum(
     q_dense: jax.Array,
     p_dense: jax.Array,
@@ -185,13 +192,12 @@ def _dense_nll_sum(
     """Σ_i −log softmax(q·pᵀ/τ)[i, (first_row + i)·G] over the rows of q_dense, the rows of the
     batch from `first_row` on, scored against all of p_dense.
 
-    Rows go `row_block` at a time (0: all at once; the last block is padded with rows that
-    count for nothing) under `jax.checkpoint`, so the forward and the backward pass each hold
-    one [row_block, len(p_dense)] block of scores, never the whole matrix.
+    Rows go in the blocks of `dense_row_blocks`, padded with rows that count for nothing, under
+    `jax.checkpoint`: the forward and the backward pass each hold one [block, len(p_dense)]
+    block of scores, never the whole matrix.
     """
     rows = q_dense.shape[0]
-    block = rows if row_block <= 0 else min(row_block, rows)
-    blocks = -(-rows // block)
+    blocks, block = dense_row_blocks(rows, row_block)
     padded = blocks * block
     valid = jnp.arange(padded) < rows
     targets = jnp.where(valid, (first_row + jnp.arange(padded)) * group_size, 0)
@@ -222,8 +228,9 @@ def blocked_dense_loss(
     [B, B*G] matrix: at the paper's stage-2 batch (B = 67,200) it would be 18 GB in fp32.
 
     Under a mesh with the data-parallel axes (`jax.set_mesh`), each device scores its own query
-    rows against all passages (all-gathered: [B*G, D] is small) in blocks of `row_block` rows
-    (`_dense_nll_sum`), and the row sums meet in a psum. Without one, the same blocks run here.
+    rows against all passages (all-gathered: [B*G, D] is small) in blocks of at most
+    `row_block` rows (`_dense_nll_sum`), and the row sums meet in a psum. Without a mesh, the
+    same blocks run here.
     """
     rows, passages = q_dense.shape[0], p_dense.shape[0]
     mesh = jax.sharding.get_abstract_mesh()

@@ -16,6 +16,7 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "_
 VARIANTS = {
     "tpu_v4": ["pod"],
     "tpu_v4_retromae": ["pod"],
+    "tpu_v4_unsupervised": ["pod"],
     "gpu": ["multi"],
     "demo_cpu": ["pipeline"],
 }

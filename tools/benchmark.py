@@ -4,6 +4,7 @@ the command line.
     python tools/benchmark.py --mode compile                 # train-step compile seconds per bucket
     python tools/benchmark.py --mode train --geometry tiny   # train step against PyTorch
     python tools/benchmark.py --mode encode --geometry tiny  # encode against FlagEmbedding
+    python tools/benchmark.py --mode stage2_memory           # stage-2 dense loss memory per device
     python tools/benchmark.py --mode compile --help          # a mode's own options
 """
 
@@ -13,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-MODES = ("compile", "data", "encode", "rerank", "train")
+MODES = ("compile", "data", "encode", "rerank", "stage2_memory", "train")
 
 
 def main() -> None:

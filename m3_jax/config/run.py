@@ -122,7 +122,7 @@ class LossConfig:
     cross_device_negatives: bool = knob(True, "dense loss over the global batch")
     ddp_dense_grad_scale: bool = knob(False, "scale that dense gradient by 1/shards, as DDP does")
     dense_row_block: int = knob(
-        1024, "query rows per device per block of the whole-batch dense loss; 0 = all at once"
+        1024, "most query rows per device in a block of the whole-batch dense loss; 0 = all at once"
     )
     num_shards: int = knob(
         -1, "local groups of the sparse/colbert/ensemble losses; -1 = data-parallel"
