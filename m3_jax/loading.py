@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from m3_jax.config import ModelConfig
-from m3_jax.convert.from_torch import fresh_heads, import_checkpoint
+from m3_jax.convert.from_torch import import_checkpoint, random_heads
 from m3_jax.model import Params
 from m3_jax.run_dir import (
     CHECKPOINT_DIR,
@@ -125,5 +125,5 @@ def _load_run(
     if is_retromae_tree(params):
         # A RetroMAE run: its encoder, with fresh heads as in its export/, and the MLM head.
         mlm_head = params["lm_head"]
-        params = {"encoder": params["encoder"], **fresh_heads(config, 0)}
+        params = {"encoder": params["encoder"], **random_heads(config, 0)}
     return LoadedParams(config, params, tokenizer, f"run {run}, step {step}", step, mlm_head)

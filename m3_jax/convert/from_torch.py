@@ -195,7 +195,7 @@ def import_checkpoint(
         mappings = [m for m in mappings if ":" not in m.torch_name]
     params = params_from_state(state, mappings, src, "BGE-M3")
     if len(mappings) < len(tensor_mappings(config)):
-        params.update(fresh_heads(config, seed))
+        params.update(random_heads(config, seed))
     check_params(params, config.replace(scan_layers=False), str(src))
     mlm_head = None
     if mlm_state:
@@ -231,7 +231,7 @@ def params_from_state(
     return params
 
 
-def fresh_heads(config: ModelConfig, seed: int) -> Params:
+def random_heads(config: ModelConfig, seed: int) -> Params:
     """Randomly initialised colbert and sparse heads (float32 numpy), for checkpoints without."""
     heads_only = config.replace(num_hidden_layers=0, scan_layers=False, param_dtype="float32")
     full = init_params(heads_only, seed)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from m3_jax.config import ModelConfig, RunConfig
-from m3_jax.convert.from_torch import fresh_heads
+from m3_jax.convert.from_torch import random_heads
 from m3_jax.data.mlm_masks import TextMasker
 from m3_jax.data.pipeline import BatchTransform
 from m3_jax.model import M3Model, Params, RetroMAEModel
@@ -67,7 +67,7 @@ def retromae_step_config(
 
 def make_objective(run: RunConfig, model_config: ModelConfig, tokenizer: Any) -> Objective:
     if run.objective == "retromae":
-        heads = fresh_heads(model_config, run.seed)
+        heads = random_heads(model_config, run.seed)
         return Objective(
             RetroMAEModel,
             retromae_step.train_step,
