@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> "base.ConfigDict":
     c.data.query_max_len = 512
     c.data.passage_max_len = 8192
     c.data.batch_size_preset = "flag_embedding"  # per-chip table (G=1 column) x chips
-    c.data.max_batch_size = 1_000_000  # no cap: the table sets every batch
+    c.data.max_batch_size = 0  # no cap: the table sets every batch
     c.loss.unified = False  # the dense loss only
     c.loss.self_distill = False
     c.loss.in_batch_negatives = True

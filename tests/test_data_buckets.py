@@ -73,6 +73,18 @@ def test_token_budget_batch_sizes():
         BatchSizing(token_budget=1000, batch_multiple=8, max_batch_size=4)
 
 
+def test_max_batch_size_zero_is_no_cap():
+    # The config's 0 (an int, so a command line can set it) means no cap at all.
+    table = dict(batch_size_preset="flag_embedding", group_size=1)
+    uncapped = BatchSizing.from_data(DataConfig(**table, max_batch_size=0), batch_multiple=96)
+    assert uncapped.max_batch_size is None
+    assert uncapped.batch_size(32, 256, 1) == 700 * 96  # the paper's 67,200
+    capped = BatchSizing.from_data(DataConfig(**table), batch_multiple=96)
+    assert capped.batch_size(32, 256, 1) == 960  # the default cap, 1024, to a multiple of 96
+    with pytest.raises(ValueError, match="max_batch_size must be >= 0"):
+        DataConfig(max_batch_size=-1)
+
+
 def prepared_dataset(d: int, buckets: list[tuple[int, int, int, int]], **fields) -> PreparedDataset:
     """Dataset d of buckets [(passage_len, examples, max_query, max_passage), ...]; `fields`
     override the FlagEmbedding fields (type, batch_size, ...)."""

@@ -81,7 +81,7 @@ class DataConfig:
     passage_buckets: tuple[int, ...] = knob(TRAINING_LENGTHS, "static passage lengths, ascending")
     token_budget: int = knob(65536, "query + passage tokens per global batch (sets batch sizes)")
     batch_size_preset: str | None = knob(None, "'flag_embedding': the paper's per-length table")
-    max_batch_size: int | None = knob(1024, "cap on the global batch size of any bucket")
+    max_batch_size: int = knob(1024, "cap on the global batch size of any bucket; 0 = no cap")
     batch_multiple: int = knob(-1, "global batch sizes are multiples of this; -1 = data-parallel")
     query_instruction: str | None = knob(None, "prepended to every query (a record's prompt wins)")
     passage_instruction: str | None = knob(None, "prepended to every passage")
@@ -93,6 +93,10 @@ class DataConfig:
         for name in ("group_size", "query_max_len", "passage_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.max_batch_size < 0:
+            raise ValueError(
+                f"data.max_batch_size must be >= 0 (0 = no cap), got {self.max_batch_size}"
+            )
         if any(w < 0 for w in self.sampling_weights):
             raise ValueError(f"data.sampling_weights must be >= 0, got {self.sampling_weights}")
         # <s> and </s> take two tokens; a shorter limit leaves no room for text.

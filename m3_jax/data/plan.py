@@ -105,7 +105,7 @@ class BatchSizing:
         return cls(
             token_budget=None if preset is not None else data.token_budget,
             preset=preset,
-            max_batch_size=data.max_batch_size,
+            max_batch_size=data.max_batch_size or None,
             batch_multiple=batch_multiple,
             table_group_size=data.group_size,
         )
