@@ -9,10 +9,11 @@ Files:
   heldout_corpus.jsonl  {"id", "text"}: every held-out positive plus same-topic distractors
   heldout_beir/         the held-out set in BEIR's layout (corpus.jsonl, queries.jsonl,
                         qrels/test.tsv), for `m3-jax evaluate --data`
-  texts.jsonl           {"text"}: every distinct training passage once, the plain-text corpus
-                        of the pre-training demo (RetroMAE, stage 1)
-  pairs.jsonl           {"query", "pos": [1]}: the training pairs without negatives or
-                        teacher scores (unsupervised contrastive pre-training, stage 2)
+  texts.jsonl           {"text"}: 8000 documents that are not in the other files, the
+                        plain-text corpus of the pre-training demo (RetroMAE, stage 1)
+  pairs.jsonl           {"query", "pos": [1]}: the same documents, each with a query and no
+                        negatives or teacher scores (unsupervised contrastive pre-training,
+                        stage 2)
 
 The text is made of "words" written in the scripts the tiny tokenizer is trained on
 (`m3_jax.tiny.SCRIPTS`), so a tiny model trained from scratch can read it. Each topic has its own
@@ -215,11 +216,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def pretraining_sets(train: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(texts, pairs) of the first two stages, from the training records."""
-    passages = dict.fromkeys(text for r in train for text in (*r["pos"], *r["neg"]))
-    pairs = [{"query": r["query"], "pos": r["pos"]} for r in train]
-    return [{"text": text} for text in passages], pairs
+def pretraining_sets(rng, topics, stop_words, count: int) -> tuple[list[dict], list[dict]]:
+    """(texts, pairs) of the first two stages: `count` new documents, as plain texts and each
+    with a query of its key words (the weakly supervised pairs of stage 2: no negatives, no
+    teacher scores). As in the paper, pre-training sees far more text than fine-tuning."""
+    docs = make_docs(rng, topics, stop_words, count)
+    pairs = [{"query": make_query(rng, doc, topics), "pos": [doc.text]} for doc in docs]
+    return [{"text": doc.text} for doc in docs], pairs
 
 
 def main() -> None:
@@ -231,6 +234,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000, help="training examples")
     parser.add_argument("--heldout", type=int, default=200, help="held-out queries")
     parser.add_argument("--distractors", type=int, default=800, help="extra corpus documents")
+    parser.add_argument(
+        "--pretraining", type=int, default=8000, help="documents of the pre-training sets"
+    )
     args = parser.parse_args()
 
     # Separate streams, so changing one set's size leaves the others unchanged.
@@ -243,7 +249,9 @@ def main() -> None:
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "heldout.jsonl", heldout)
     write_jsonl(args.out / "heldout_corpus.jsonl", corpus)
-    texts, pairs = pretraining_sets(train)
+    texts, pairs = pretraining_sets(
+        np.random.default_rng((args.seed, 3)), topics, stop_words, args.pretraining
+    )
     write_jsonl(args.out / "texts.jsonl", texts)
     write_jsonl(args.out / "pairs.jsonl", pairs)
     beir = write_beir(
