@@ -9,8 +9,9 @@ Files:
   heldout_corpus.jsonl  {"id", "text"}: every held-out positive plus same-topic distractors
   heldout_beir/         the held-out set in BEIR's layout (corpus.jsonl, queries.jsonl,
                         qrels/test.tsv), for `m3-jax evaluate --data`
-  texts.jsonl           {"text"}: 8000 documents that are not in the other files, the
-                        plain-text corpus of the pre-training demo (RetroMAE, stage 1)
+  texts.jsonl           {"text"}: --pretraining (8000) new documents, none of them in the
+                        other files: the plain-text corpus of the pre-training demo (RetroMAE,
+                        stage 1)
   pairs.jsonl           {"query", "pos": [1]}: the same documents, each with a query and no
                         negatives or teacher scores (unsupervised contrastive pre-training,
                         stage 2)
